@@ -1,0 +1,43 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run    build .venv, then teacher -> Stage I -> II -> III -> IV -> one results table
+#   make test   build .venv, then the unit tests and the tiny end-to-end pipeline
+PY     ?= .venv/bin/python
+RUN    ?= out/default
+SMOKE  ?= out/smoke
+PRESET ?= default
+SEED   ?= 0
+
+.PHONY: venv run pipeline smoke test bench clean
+
+.venv/.installed: requirements.txt
+	python3 -m venv .venv
+	.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+venv: .venv/.installed
+
+# The whole method on the built-in math suite. DIR, PRESET and SEED pick where and how.
+pipeline:
+	$(PY) train_teacher.py  --preset $(PRESET) --seed $(SEED) --out $(DIR)/teacher.pt
+	$(PY) stage1_cluster.py --preset $(PRESET) --seed $(SEED) --in $(DIR)/teacher.pt --out $(DIR)/stage1.pt
+	$(PY) stage2_distill.py --preset $(PRESET) --seed $(SEED) --in $(DIR)/stage1.pt  --out $(DIR)/stage2.pt
+	$(PY) stage3_prgrpo.py  --preset $(PRESET) --seed $(SEED) --in $(DIR)/stage2.pt  --out $(DIR)/stage3.pt
+	$(PY) stage4_balance.py --preset $(PRESET) --seed $(SEED) --in $(DIR)/stage3.pt  --out $(DIR)/stage4.pt
+	$(PY) eval_math.py --table $(DIR)
+
+run: venv
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory pipeline DIR=$(RUN) PRESET=$(PRESET) SEED=$(SEED) && \
+	echo "make run: $$(( $$(date +%s) - start )) s wall"
+
+smoke: venv
+	$(MAKE) --no-print-directory pipeline DIR=$(SMOKE) PRESET=tiny
+
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) bench.py --json out/bench.json
+
+clean:
+	rm -rf out .venv

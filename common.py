@@ -1,0 +1,151 @@
+"""
+What every stage needs and nothing more: the device, seeds, checkpoint I/O, JSON-lines logs,
+padded batches with a completion-only loss mask, and errors a user can cause.
+
+Checkpoint contract (other tools read it): a dict of plain tensors and plain Python values,
+    {"model": state_dict, "config": GPTConfig as dict, "stage": str, "args": dict,
+     "metrics": dict, "tokenizer": dict, ...stage extras (e.g. "clusters")}
+written atomically (temp file in the same folder, then os.replace) and read only with
+torch.load(..., weights_only=True), so a checkpoint can never run code on load.
+"""
+
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+from model import GPT, GPTConfig
+
+
+class UserError(Exception):
+    """A problem the user can fix (a path, a checkpoint of the wrong kind, a bad line)."""
+
+
+def run(main):
+    """Run main(); a UserError ends with one line on stderr and exit status 2, no traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available")
+    return torch.device(name)
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def save_checkpoint(path, ckpt):
+    """Write atomically: a crash mid-write leaves the old file (if any) untouched."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, kind=None):
+    """Load a checkpoint; kind "dense" or "moe" checks what the model is."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, or one that wants to run code
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+    missing = [k for k in ("model", "config", "stage", "tokenizer") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is not a PADD checkpoint (missing {', '.join(missing)})")
+    is_moe = ckpt["config"].get("n_expert", 1) > 1
+    if kind == "dense" and is_moe:
+        raise UserError(f"{path} is an MoE student (stage {ckpt['stage']}); a dense teacher is expected here")
+    if kind == "moe" and not is_moe:
+        raise UserError(f"{path} is a dense model (stage {ckpt['stage']}); an MoE student is expected here")
+    return ckpt
+
+
+def build_model(ckpt, device):
+    model = GPT(GPTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device)
+
+
+def make_checkpoint(model, tokenizer_dict, stage, args, metrics, **extra):
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return dict(model=state, config=model.config.to_dict(), stage=stage, args=dict(vars(args)),
+                metrics=metrics, tokenizer=tokenizer_dict, **extra)
+
+
+def append_jsonl(path, record):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(dict(time=round(time.time(), 3), **record)) + "\n")
+
+
+def pad_batch(prompts, completions, device, pad_id=0):
+    """Concatenate prompt + completion per row and right-pad.
+
+    Returns idx [B, T] (inputs), targets [B, T] (next tokens, -1 where the loss is off: on the
+    prompt and the padding) and valid [B, T] (False on padding). The loss is on completion
+    tokens only.
+    """
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    T = max(len(s) for s in seqs) - 1
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(seqs), T), -1, dtype=torch.long)
+    valid = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, (p, s) in enumerate(zip(prompts, seqs)):
+        idx[i, :len(s) - 1] = torch.tensor(s[:-1])
+        targets[i, len(p) - 1:len(s) - 1] = torch.tensor(s[len(p):])
+        valid[i, :len(s) - 1] = True
+    return idx.to(device), targets.to(device), valid.to(device)
+
+
+# --resume: every stage saves model + optimiser + step next to its output, and removes it once
+# the final checkpoint is written. Batches come from per-step seeded streams, so a resumed run
+# sees the same data it would have seen.
+
+def save_resume(args, model, opt, step, tokenizer_dict, **extra):
+    ckpt = make_checkpoint(model, tokenizer_dict, "resume", args, {}, optimizer=opt.state_dict(), step=step, **extra)
+    save_checkpoint(args.out + ".resume.pt", ckpt)
+
+
+def maybe_resume(args, model, opt):
+    """Load <out>.resume.pt into model and opt if --resume and it exists.
+    Returns (step, the resume dict) or (0, {})."""
+    path = args.out + ".resume.pt"
+    if not (getattr(args, "resume", False) and os.path.exists(path)):
+        return 0, {}
+    state = load_checkpoint(path)
+    if state["config"] != model.config.to_dict():
+        raise UserError(f"{path} was written for another model config; delete it or drop --resume")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    print(f"resuming {path} at step {state['step']}")
+    return state["step"], state
+
+
+def teacher_path_for(args_teacher, student_path):
+    """The teacher a stage compares against: --teacher, else teacher.pt beside the student."""
+    return args_teacher or os.path.join(os.path.dirname(os.path.abspath(student_path)), "teacher.pt")
+
+
+def clear_resume(args):
+    path = args.out + ".resume.pt"
+    if os.path.exists(path):
+        os.remove(path)

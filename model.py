@@ -1,0 +1,284 @@
+"""
+The dense teacher and the MoE student: one GPT, nanoGPT-style.
+
+    x -> [ LN -> causal self-attention -> + ] -> [ LN -> FFN -> + ] x n_layer -> LN -> lm_head
+
+With `n_expert == 1` the FFN is the teacher's dense MLP, gelu(x W_fc) W_proj with hidden H = 4d.
+With `n_expert > 1` it is the student's MoE layer (PADD_SPEC.md, "Models"):
+
+    p      = softmax(x W_r)                    router distribution over E experts, g_S(e|x)
+    top-k  = the k largest (p, or x W_r + b for Stage IV's selection-only bias b)
+    gate_j = p_j / sum_{i in top-k} p_i        renormalised so the k gates sum to 1
+    y      = sum_j gate_j * gelu(x W_in[e_j]) W_out[e_j]
+
+Each expert has hidden h = H / k, so a token touches k*h = H hidden units: the teacher's FFN
+FLOPs plus the d x E router ("equal inference cost"). Total expert parameters are E/k times
+the teacher's FFN: the "decompression". The experts run through `moe_kernel.moe_ffn`.
+
+After each forward pass the FFN modules keep what the PADD stages need:
+  - MoE: `router_probs` [N, E] (with grad, for path losses) and `topk_idx` [N, k] (for load,
+    router shift and MaxVio);
+  - dense MLP, only while `record` is on: `rec_in`, `rec_act` (post-GELU, the teacher's path
+    p_T is built from it) and `rec_out` (Stage I reconstructs it).
+
+Sampling (`generate`) is batched over prompts of different lengths with a KV cache: prompts are
+left-padded, each row gets its own positions, and pad keys are masked out. Biases are off
+everywhere and the embedding is tied to the output head, as in nanoGPT.
+"""
+
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe_kernel import moe_ffn
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 128
+    vocab_size: int = 320
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    n_expert: int = 1      # 1: dense teacher; > 1: MoE student
+    top_k: int = 1
+    expert_hidden: int = 0  # 0 means 4 * n_embd // top_k: equal active FFN FLOPs
+
+    @property
+    def ffn_hidden(self):
+        if self.n_expert == 1:
+            return 4 * self.n_embd
+        return self.expert_hidden or 4 * self.n_embd // self.top_k
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cache=None, layer=0, attn_mask=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    """The teacher's dense FFN. `record` keeps its input, post-GELU activations and output."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.ffn_hidden, bias=False)
+        self.c_proj = nn.Linear(config.ffn_hidden, config.n_embd, bias=False)
+        self.record = False
+
+    def forward(self, x):
+        a = F.gelu(self.c_fc(x))
+        y = self.c_proj(a)
+        if self.record:
+            self.rec_in, self.rec_act, self.rec_out = x, a, y
+        return y
+
+
+class MoE(nn.Module):
+    """The student's FFN: a router and E experts of hidden h, top-k, renormalised gates."""
+
+    def __init__(self, config):
+        super().__init__()
+        d, E, h = config.n_embd, config.n_expert, config.ffn_hidden
+        self.top_k = config.top_k
+        self.router = nn.Linear(d, E, bias=False)
+        self.w_in = nn.Parameter(torch.empty(E, d, h))
+        self.w_out = nn.Parameter(torch.empty(E, h, d))
+        # DeepSeek-V3's load-balancing bias: it shifts which experts are *selected* but never
+        # enters the gate values, so it balances load without changing what the router learns.
+        self.register_buffer("select_bias", torch.zeros(E))
+        self.record = False
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.router(x).float()
+        probs = logits.softmax(dim=-1)
+        # softmax is monotone, so selecting on biased logits = selecting on biased scores
+        topk_idx = torch.topk(logits + self.select_bias, self.top_k, dim=-1).indices
+        gates = probs.gather(1, topk_idx)
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+        self.router_probs, self.topk_idx = probs, topk_idx
+        y = moe_ffn(x, topk_idx, gates.to(x.dtype), self.w_in, self.w_out)
+        if self.record:
+            self.rec_in, self.rec_out = x, y
+        return y.view(shape)
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=False)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=False)
+        self.mlp = MoE(config) if config.n_expert > 1 else MLP(config)
+
+    def forward(self, x, cache=None, layer=0, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class KVCache:
+    """Preallocated keys and values for every layer; `pos` is how many positions are filled."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+
+    def update(self, layer, k, v):
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=False),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections that write into the residual stream
+        std_proj = 0.02 / math.sqrt(2 * config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight") or name.endswith("w_out"):
+                nn.init.normal_(p, mean=0.0, std=std_proj)
+            elif name.endswith("w_in"):
+                nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def ffns(self):
+        return [block.mlp for block in self.transformer.h]
+
+    def set_record(self, on):
+        for ffn in self.ffns:
+            ffn.record = on
+
+    def forward(self, idx, targets=None, pos=None, cache=None, attn_mask=None):
+        """idx [B, T] -> (logits [B, T, V], loss or None). targets == -1 are ignored."""
+        B, T = idx.shape
+        if pos is None:
+            assert T <= self.config.block_size, f"sequence of {T} > block_size {self.config.block_size}"
+            pos = torch.arange(T, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, cache, layer, attn_mask)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, eos_id=None,
+                 generator=None, use_cache=True):
+        """Sample continuations for a batch of prompts (lists of token ids, any lengths).
+
+        temperature 0 is greedy. Returns one list of new tokens per prompt, ending with eos_id
+        where the row produced it. use_cache=False recomputes the whole sequence for every new
+        token (the slow path the KV cache is measured and tested against).
+        """
+        device = self.lm_head.weight.device
+        B, lens = len(prompts), [len(p) for p in prompts]
+        P = max(lens)
+        max_new_tokens = min(max_new_tokens, self.config.block_size - P)
+        # left-pad so that every row's next token is at the same column
+        idx = torch.zeros(B, P, dtype=torch.long, device=device)
+        valid = torch.zeros(B, P, dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+            valid[i, P - len(p):] = True
+        cache = KVCache(self.config, B, P + max_new_tokens, device,
+                        self.lm_head.weight.dtype) if use_cache else None
+        new, done = [], torch.zeros(B, dtype=torch.bool, device=device)
+        step_idx = idx
+        for _ in range(max_new_tokens):
+            if use_cache and cache.pos > 0:
+                logits = self._forward_padded(step_idx, valid, cache, last=1)
+            else:
+                logits = self._forward_padded(idx, valid, cache, last=idx.size(1))
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, -float("inf"))
+                nxt = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+            new.append(nxt)
+            if eos_id is not None:
+                done |= nxt == eos_id
+                if bool(done.all()):  # one sync per token; rows that finished early keep going
+                    break
+            step_idx = nxt.unsqueeze(1)
+            idx = torch.cat([idx, step_idx], dim=1)
+            valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+        rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in range(B)]
+        if eos_id is not None:
+            rows = [r[:r.index(eos_id) + 1] if eos_id in r else r for r in rows]
+        return rows
+
+    def _forward_padded(self, idx, valid, cache, last):
+        """Forward the last `last` columns of a left-padded batch; `valid` covers all columns."""
+        T = valid.size(1)
+        pos = (valid.long().cumsum(dim=1) - 1).clamp(min=0)[:, T - last:]
+        causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()[T - last:]
+        # a pad query sees only pad keys; letting it see itself keeps its softmax finite (an
+        # all-masked row is NaN, and NaN values poison real rows even at weight 0)
+        diag = torch.eye(T, dtype=torch.bool, device=idx.device)[T - last:]
+        mask = causal & (valid[:, None, :] | diag)
+        logits, _ = self(idx[:, -last:], pos=pos, cache=cache, attn_mask=mask[:, None])
+        return logits
+
+
+def count_params(model):
+    """(active parameters per token, total parameters). A token uses k of E experts."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for ffn in model.ffns:
+        if isinstance(ffn, MoE):
+            E = ffn.w_in.size(0)
+            inactive += (E - ffn.top_k) * (ffn.w_in[0].numel() + ffn.w_out[0].numel())
+    return total - inactive, total

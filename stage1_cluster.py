@@ -1,0 +1,376 @@
+"""
+Stage I: teacher neuron clustering, decompression into experts, router init, expert warmup.
+
+The dense teacher T has no router, but its FFN neurons define one. Per layer, with post-GELU
+activations a(x) in R^H (H = 4d) and the H neurons grouped into E clusters C_1..C_E,
+
+    p_T(e | x) = sum_{i in C_e} |a_i(x)| / sum_i |a_i(x)|               the teacher's path
+
+1. Record T's FFN inputs x, activations a and outputs y on training text (prompt + gold
+   solution, ~25k tokens on the default preset).
+2. Cluster each layer's neurons into E *balanced* clusters (|C_e| = H/E) by balanced k-means
+   on their activation profiles: |a_i| over the recorded tokens, centred and L2-normalised, so
+   neurons that fire on the same tokens land together (cosine = co-activation correlation).
+3. Decompress: expert e = C_e plus the h - |C_e| other neurons that matter most on e's tokens,
+       score_e(i) = E_x[ p_T(e|x) |a_i(x)| ] * ||W_proj[:, i]||
+   (how much neuron i writes into the output where the path goes through e). h = H/k, so
+   experts overlap; rows of W_fc and columns of W_proj are copied. On a token routed to e,
+   expert e alone computes most of T's FFN, and the renormalised mix of k of them ~ T's FFN.
+4. Router: W_r[e] = centroid of the (centred) FFN inputs whose path peaks at e, then a few
+   hundred Adam steps of cross-entropy against p_T (a linear softmax regression).
+5. Warmup, all parameters, for `--steps` steps of
+       L = L_LM  +  w_recon * sum_l ||MoE_l(x_l^T) - y_l^T||^2 / ||y_l^T||^2
+                 +  w_router * sum_l CE(p_T,l, g_S,l(x_l^T))
+   where x_l^T, y_l^T are T's FFN input and output on the same batch, and L_LM is the
+   completion-only LM loss of the whole student.
+
+Everything but the FFNs (embeddings, attention, norms) is copied from T. The clusters go into
+the checkpoint (`clusters`: per layer, the cluster id of each of T's neurons): Stages II-IV
+compute p_T from them.
+
+Baselines (--init): `random_subsets` gives each expert h neurons drawn at random (upcycling
+without clustering) and a random router; `random` gives fresh random experts and router. Both
+get the same warmup (the clusters still define p_T), so the comparison isolates the init.
+
+Reports: validation LM loss and test accuracy of student vs teacher, expert diversity (mean
+pairwise cosine of expert outputs on the same inputs), routing entropy, MaxVio, and a
+subdomain x expert heatmap for T's clusters (mean p_T) and the student (routed share).
+
+Deviations from the paper: profiles are taken on the suite's training text, not a pretraining
+corpus; clusters are balanced exactly (the paper does not say); the warmup is a few hundred
+steps on a CPU.
+
+    python stage1_cluster.py --in out/default/teacher.pt --out out/default/stage1.pt
+    python stage1_cluster.py --init random_subsets --out out/abl/stage1_rs.pt   # baseline
+"""
+
+import argparse
+import os
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+import data
+import eval_math
+from model import GPT, GPTConfig, count_params
+
+PRESETS = {
+    "tiny": dict(n_record=96, steps=20, batch_size=16, router_steps=100, n_test=70, n_val=100),
+    "default": dict(n_record=400, steps=120, batch_size=32, router_steps=300, n_test=700, n_val=300),
+}
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--in", dest="inp", default="out/default/teacher.pt", help="the dense teacher checkpoint")
+parser.add_argument("--out", default="out/default/stage1.pt", help="where to write the student checkpoint")
+parser.add_argument("--init", choices=["cluster", "random_subsets", "random"], default="cluster",
+                    help="how experts and router start (cluster = PADD; the others are baselines)")
+parser.add_argument("--n-expert", type=int, default=8, help="E, experts per layer")
+parser.add_argument("--top-k", type=int, default=2, help="k, experts per token (expert hidden = 4d/k)")
+parser.add_argument("--preset", choices=PRESETS, default="default", help="budget preset")
+parser.add_argument("--steps", type=int, help="warmup steps (preset if unset)")
+parser.add_argument("--batch-size", type=int, help="warmup batch (preset if unset)")
+parser.add_argument("--lr", type=float, default=1e-3, help="warmup learning rate")
+parser.add_argument("--w-recon", type=float, default=1.0, help="weight of FFN reconstruction")
+parser.add_argument("--w-router", type=float, default=0.1, help="weight of router CE against p_T")
+parser.add_argument("--seed", type=int, default=0, help="seed")
+parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+parser.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt if present")
+parser.add_argument("--log", help="JSON-lines metrics log (default: next to --out)")
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+def teacher_path(act, assign, n_expert):
+    """p_T(e|x) = sum_{i in C_e} |a_i| / sum_i |a_i|.  act [..., H], assign [H] -> [..., E]."""
+    mass = act.abs() @ F.one_hot(assign, n_expert).to(act.dtype)
+    return mass / mass.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def neuron_profiles(act):
+    """act [N, H] -> [H, N]: each neuron's |activation| over tokens, centred, unit norm."""
+    prof = act.abs().T.double()
+    prof = prof - prof.mean(dim=1, keepdim=True)
+    return prof / prof.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def balanced_assign(sim, capacity):
+    """Give each row the best column that still has room: greedy over (row, col) pairs by
+    decreasing similarity. sim [H, E] -> assign [H]; every column gets exactly `capacity`."""
+    H, E = sim.shape
+    assign = torch.full((H,), -1, dtype=torch.long)
+    room = [capacity] * E
+    for flat in torch.argsort(sim.flatten(), descending=True).tolist():
+        i, e = divmod(flat, E)
+        if assign[i] < 0 and room[e] > 0:
+            assign[i], room[e] = e, room[e] - 1
+    return assign
+
+
+def balanced_kmeans(feats, n_clusters, iters=25, seed=0):
+    """Spherical k-means whose assignment step is balanced: feats [H, D] (unit rows) ->
+    assign [H] with exactly H / n_clusters members per cluster."""
+    H = feats.size(0)
+    assert H % n_clusters == 0, f"{H} neurons do not split into {n_clusters} equal clusters"
+    g = torch.Generator().manual_seed(seed)
+    centroids = feats[torch.randperm(H, generator=g)[:n_clusters]]
+    assign = None
+    for _ in range(iters):
+        new = balanced_assign(feats @ centroids.T, H // n_clusters)
+        if assign is not None and torch.equal(new, assign):
+            break
+        assign = new
+        centroids = torch.stack([feats[assign == e].mean(0) for e in range(n_clusters)])
+        centroids = centroids / centroids.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return assign
+
+
+def expert_neurons(act, assign, n_expert, h, w_proj_norm):
+    """Each expert: its cluster, then the h - |C_e| outside neurons with the largest
+    E_x[p_T(e|x) |a_i(x)|] * ||W_proj[:, i]||. Returns [E, h] neuron indices."""
+    p = teacher_path(act, assign, n_expert)                          # [N, E]
+    score = (p.T @ act.abs()) / p.sum(0)[:, None].clamp(min=1e-12)  # [E, H]
+    score = score * w_proj_norm[None, :]
+    rows = []
+    for e in range(n_expert):
+        members = (assign == e).nonzero().flatten()
+        if len(members) >= h:  # more members than room: keep the strongest
+            rows.append(members[torch.argsort(score[e, members], descending=True)[:h]])
+            continue
+        outside = score[e].clone()
+        outside[members] = -float("inf")
+        extra = torch.topk(outside, h - len(members)).indices
+        rows.append(torch.cat([members, extra]))
+    return torch.stack(rows)
+
+
+def decompress(w_fc, w_proj, neurons):
+    """Copy T's neurons into experts. w_fc [H, d] (nn.Linear layout), w_proj [d, H],
+    neurons [E, h] -> w_in [E, d, h], w_out [E, h, d]."""
+    w_in = w_fc[neurons].transpose(1, 2)        # [E, h, d] -> [E, d, h]
+    w_out = w_proj.T[neurons]                   # [E, h, d]
+    return w_in.contiguous(), w_out.contiguous()
+
+
+def router_from_centroids(x, p):
+    """W_r [E, d]: centroid of the centred inputs whose path peaks at e (0 if none does)."""
+    xc = x - x.mean(0)
+    peak = F.one_hot(p.argmax(-1), p.size(1)).to(x.dtype)   # [N, E]
+    cent = (peak.T @ xc) / peak.sum(0)[:, None].clamp(min=1)
+    return cent / cent.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def fit_router(w, x, p, steps, lr=1e-2):
+    """Cross-entropy of softmax(x W_r^T) against p_T, by Adam on W_r alone."""
+    w = w.clone().requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr)
+    with torch.enable_grad():  # callers copy weights under no_grad
+        for _ in range(steps):
+            loss = -(p * (x @ w.T).log_softmax(-1)).sum(-1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return w.detach()
+
+
+@torch.no_grad()
+def expert_diversity(moe, x):
+    """Mean pairwise cosine similarity of the E experts' outputs on the same inputs (lower =
+    more diverse)."""
+    outs = torch.stack([F.gelu(x @ moe.w_in[e]) @ moe.w_out[e] for e in range(moe.w_in.size(0))])
+    outs = F.normalize(outs, dim=-1)                     # [E, N, d]
+    sim = torch.einsum("ind,jnd->ijn", outs, outs).mean(-1)
+    E = sim.size(0)
+    return float((sim.sum() - sim.diagonal().sum()) / (E * (E - 1)))
+
+
+# ----------------------------------------------------------------------------- recording
+
+@torch.no_grad()
+def record_teacher(teacher, enc, examples, device, batch_size=64):
+    """T's per-layer FFN input, activation and output on the completion-and-prompt tokens.
+    Returns lists over layers of [N, d], [N, H], [N, d] tensors and the subdomain per token."""
+    teacher.set_record(True)
+    L = len(teacher.ffns)
+    xs, acts, ys, subs = [[] for _ in range(L)], [[] for _ in range(L)], [[] for _ in range(L)], []
+    for b in range(0, len(examples), batch_size):
+        batch = examples[b:b + batch_size]
+        pairs = [data.encode_example(enc, ex) for ex in batch]
+        idx, _, valid = common.pad_batch(*zip(*pairs), device)
+        teacher(idx)
+        for ex, n in zip(batch, valid.sum(1).tolist()):
+            subs += [ex["subdomain"]] * n
+        for l, ffn in enumerate(teacher.ffns):
+            xs[l].append(ffn.rec_in[valid].cpu())
+            acts[l].append(ffn.rec_act[valid].cpu())
+            ys[l].append(ffn.rec_out[valid].cpu())
+    teacher.set_record(False)
+    cat = lambda z: [torch.cat(t) for t in z]
+    return cat(xs), cat(acts), cat(ys), subs
+
+
+def teacher_paths(teacher, idx, clusters):
+    """Run T on idx (no grad) and return its per-layer path p_T [B*T, E] and FFN in/out."""
+    E = int(max(int(c.max()) for c in clusters)) + 1
+    with torch.no_grad():
+        teacher.set_record(True)
+        logits, _ = teacher(idx)
+        teacher.set_record(False)
+        paths = [teacher_path(f.rec_act.reshape(-1, f.rec_act.size(-1)), c.to(idx.device), E)
+                 for f, c in zip(teacher.ffns, clusters)]
+        ios = [(f.rec_in.reshape(-1, f.rec_in.size(-1)), f.rec_out.reshape(-1, f.rec_out.size(-1)))
+               for f in teacher.ffns]
+    return logits, paths, ios
+
+
+def build_student(teacher, n_expert, top_k, init, clusters, acts, xs, router_steps, seed):
+    """The MoE student: T's embeddings and attention, experts and router per `init`."""
+    cfg = dict(teacher.config.to_dict(), n_expert=n_expert, top_k=top_k)
+    torch.manual_seed(seed)
+    student = GPT(GPTConfig(**cfg))
+    own = student.state_dict()
+    own.update({k: v for k, v in teacher.state_dict().items() if ".mlp." not in k})
+    student.load_state_dict(own)
+    H, h = teacher.config.ffn_hidden, student.config.ffn_hidden
+    g = torch.Generator().manual_seed(seed)
+    for l, (tf, sf) in enumerate(zip(teacher.ffns, student.ffns)):
+        w_fc, w_proj = tf.c_fc.weight.detach().cpu(), tf.c_proj.weight.detach().cpu()
+        if init == "random":
+            continue  # GPT's own random init of experts and router
+        if init == "cluster":
+            neurons = expert_neurons(acts[l], clusters[l], n_expert, h, w_proj.norm(dim=0))
+        else:
+            neurons = torch.stack([torch.randperm(H, generator=g)[:h] for _ in range(n_expert)])
+        w_in, w_out = decompress(w_fc, w_proj, neurons)
+        with torch.no_grad():
+            sf.w_in.copy_(w_in)
+            sf.w_out.copy_(w_out)
+            if init == "cluster":
+                p = teacher_path(acts[l], clusters[l], n_expert)
+                w = router_from_centroids(xs[l], p)
+                sf.router.weight.copy_(fit_router(w, xs[l], p, router_steps))
+    return student
+
+
+# ----------------------------------------------------------------------------- heatmap
+
+def plot_heatmaps(panels, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, table) in zip(axes[0], panels.items()):
+        subs = [s for s in data.SUBDOMAINS if s in table]
+        m = torch.tensor([table[s] for s in subs])
+        im = ax.imshow(m.numpy(), aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(subs)), [s.replace("_", " ") for s in subs], fontsize=7)
+        ax.set_xticks(range(m.size(1)))
+        ax.set_xlabel("expert / cluster")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def subdomain_table(p, subs):
+    """Mean of p [N, E] over each subdomain's tokens -> {subdomain: [E]}."""
+    out = {}
+    for s in data.SUBDOMAINS:
+        m = torch.tensor([x == s for x in subs])
+        if m.any():
+            out[s] = p[m].mean(0).tolist()
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+def main():
+    args = parser.parse_args()
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    device = common.pick_device(args.device)
+    common.seed_all(args.seed)
+    log = args.log or os.path.join(os.path.dirname(os.path.abspath(args.out)), "stage1.jsonl")
+    tckpt = common.load_checkpoint(args.inp, kind="dense")
+    if 4 * tckpt["config"]["n_embd"] % args.top_k:
+        raise common.UserError(f"--top-k {args.top_k} does not divide the teacher's FFN hidden size")
+    enc = data.tokenizer_from_dict(tckpt["tokenizer"])
+    teacher = common.build_model(tckpt, device).eval()
+    splits = data.build_splits(seed=tckpt["args"].get("seed", 0))
+    train, val = list(splits["train"]), list(splits["validation"])[:args.n_val]
+    test = list(splits["test"])[:args.n_test]
+    t0 = time.time()
+
+    # 1-2. record and cluster
+    rec = random.Random(args.seed).sample(train, args.n_record)
+    xs, acts, ys, subs = record_teacher(teacher, enc, rec, device)
+    clusters = [balanced_kmeans(neuron_profiles(a).float(), args.n_expert, seed=args.seed) for a in acts]
+    print(f"recorded {acts[0].size(0):,} tokens; clustered {acts[0].size(1)} neurons x {len(acts)} layers into {args.n_expert}")
+    paths = [teacher_path(a, c, args.n_expert) for a, c in zip(acts, clusters)]
+    teacher_heat = subdomain_table(torch.stack(paths).mean(0), subs)
+
+    # 3-4. decompress and initialise the router
+    student = build_student(teacher, args.n_expert, args.top_k, args.init, clusters, acts, xs,
+                            args.router_steps, args.seed).to(device)
+    active, total = count_params(student)
+    t_active, _ = count_params(teacher)
+    print(f"student: {active:,} active / {total:,} total parameters (teacher {t_active:,})")
+    val_loss0 = eval_math.lm_loss(student, enc, val, device)
+
+    # 5. warmup
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    start, _ = common.maybe_resume(args, student, opt)
+    clusters_dev = [c.to(device) for c in clusters]
+    pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="stage1 warmup")
+    for step in pbar:
+        rng = random.Random(args.seed * 1_000_003 + step)
+        batch = [train[rng.randrange(len(train))] for _ in range(args.batch_size)]
+        idx, targets, valid = common.pad_batch(*zip(*[data.encode_example(enc, ex) for ex in batch]), device)
+        _, p_t, ios = teacher_paths(teacher, idx, clusters_dev)
+        _, lm = student(idx, targets)
+        valid = valid.flatten()
+        recon, route = 0.0, 0.0
+        for ffn, p, (x_t, y_t) in zip(student.ffns, p_t, ios):
+            y_s = ffn(x_t[valid])
+            recon = recon + ((y_s - y_t[valid]) ** 2).sum() / (y_t[valid] ** 2).sum()
+            route = route - (p[valid] * ffn.router_probs.clamp(min=1e-9).log()).sum(-1).mean()
+        loss = lm + args.w_recon * recon + args.w_router * route
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        pbar.set_postfix(lm=f"{lm.item():.3f}", recon=f"{float(recon):.3f}", route=f"{float(route):.3f}")
+        if (step + 1) % 20 == 0 or step + 1 == args.steps:
+            common.append_jsonl(log, dict(stage="stage1", init=args.init, step=step + 1, lm=lm.item(),
+                                          recon=float(recon), router_ce=float(route)))
+            if step + 1 < args.steps:
+                common.save_resume(args, student, opt, step + 1, tckpt["tokenizer"])
+
+    # report
+    res = eval_math.evaluate(student, enc, test, device, desc="stage1 test")
+    div = sum(expert_diversity(f, x.to(device)[:2000]) for f, x in zip(student.ffns, xs)) / len(xs)
+    metrics = dict(acc=res["acc"], per_subdomain=res["per_subdomain"], val_loss=eval_math.lm_loss(student, enc, val, device),
+                   val_loss_at_init=val_loss0, teacher_val_loss=eval_math.lm_loss(teacher, enc, val, device),
+                   teacher_acc=tckpt["metrics"].get("acc"), kl_to_teacher=eval_math.kl_to_teacher(student, teacher, enc, val, device),
+                   expert_diversity=div, routing_entropy=res["routing_entropy"], max_vio=res["max_vio"],
+                   max_vio_per_layer=res["max_vio_per_layer"], heatmap=res["heatmap"], teacher_heatmap=teacher_heat,
+                   active_params=active, total_params=total, seconds=round(time.time() - t0, 1))
+    common.append_jsonl(log, dict(stage="stage1", init=args.init, step=args.steps,
+                                  **{k: v for k, v in metrics.items() if "heatmap" not in k}))
+    common.save_checkpoint(args.out, common.make_checkpoint(student, tckpt["tokenizer"], "stage1", args, metrics, clusters=clusters))
+    common.clear_resume(args)
+    plot_heatmaps({"teacher clusters (mean p_T)": teacher_heat, f"student after Stage I ({args.init})": res["heatmap"]},
+                  os.path.splitext(args.out)[0] + "_heatmap.png")
+    print(f"val loss: teacher {metrics['teacher_val_loss']:.4f} | student at init {val_loss0:.4f} -> after warmup {metrics['val_loss']:.4f}")
+    print(f"expert diversity (mean pairwise cosine) {div:.3f}, routing entropy {res['routing_entropy']:.3f}, MaxVio {res['max_vio']:.3f}")
+    eval_math.print_report({"teacher": tckpt["metrics"], "stage1": metrics})
+    print(f"wrote {args.out} ({metrics['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    common.run(main)

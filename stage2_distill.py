@@ -1,0 +1,193 @@
+"""
+Stage II: online adaptive distillation of the MoE student S from the dense teacher T.
+
+Each step takes a batch of training prompts. With probability lambda a row's continuation is
+sampled from S (on-policy, temperature 1, KV cache); otherwise it is the gold solution. On the
+continuation tokens t, with T's and S's next-token distributions p_t and q_t:
+
+    L_tok  = mean_t [ beta_t * KL(q_t || p_t) + (1 - beta_t) * KL(p_t || q_t) ]
+    L_path = sum_l mean_t KL( p_T,l(.|x_t) || g_S,l(.|x_t) )      teacher path vs student router
+    L_bal  = sum_l E * sum_e f_e P_e                              Switch-style load balance
+    L      = L_tok + w_path * L_path + w_bal * L_bal
+
+where p_T,l is the teacher's path built from the Stage I clusters (stage1_cluster.teacher_path),
+f_e the share of token assignments to expert e and P_e its mean router probability.
+
+Adaptive parts *(reading of the paper, DistiLLM/GKD style)*:
+- lambda (on-policy share) starts at 0 and rises as the student improves: every `eval_every`
+  steps the held-out KL(T||S) on validation is measured and
+      lambda = lam_max * clip((KL_0 - KL) / (0.5 KL_0), 0, 1),
+  i.e. full on-policy share once the held-out KL has halved. Early on the student's own
+  samples are poor and teacher scores on them teach little; later they are where it errs.
+- beta_t = T's confidence at token t, max_v p_t(v) (no gradient): where T is sure, the
+  mode-seeking reverse KL pulls S onto T's answer; where T is unsure, forward KL keeps S
+  covering T's spread instead of collapsing onto one guess.
+
+Baselines: `--loss fkl` (forward KL only, beta = 0) and `--lam-max 0` (offline: gold
+continuations only). Reports held-out KL(T||S) along the stage, test accuracy, routing entropy
+and MaxVio.
+
+Deviations: the paper's teachers score long chain-of-thought samples; ours are ~40 tokens.
+The student is trained on all its parameters (the paper does not freeze anything either).
+
+    python stage2_distill.py --in out/default/stage1.pt --out out/default/stage2.pt
+"""
+
+import argparse
+import os
+import random
+import time
+
+import torch
+from tqdm import tqdm
+
+import common
+import data
+import eval_math
+from model import count_params
+from stage1_cluster import teacher_paths
+
+PRESETS = {
+    "tiny": dict(steps=16, batch_size=16, eval_every=8, n_val=60, n_test=70),
+    "default": dict(steps=150, batch_size=32, eval_every=25, n_val=200, n_test=700),
+}
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--in", dest="inp", default="out/default/stage1.pt", help="the Stage I student checkpoint")
+parser.add_argument("--teacher", help="the dense teacher (default: teacher.pt beside --in)")
+parser.add_argument("--out", default="out/default/stage2.pt", help="where to write the student checkpoint")
+parser.add_argument("--preset", choices=PRESETS, default="default", help="budget preset")
+parser.add_argument("--steps", type=int, help="optimiser steps (preset if unset)")
+parser.add_argument("--batch-size", type=int, help="prompts per step (preset if unset)")
+parser.add_argument("--lr", type=float, default=5e-4, help="learning rate")
+parser.add_argument("--loss", choices=["adaptive", "fkl"], default="adaptive",
+                    help="adaptive: confidence-weighted forward/reverse KL; fkl: forward KL only (baseline)")
+parser.add_argument("--lam-max", type=float, default=0.5, help="largest on-policy share (0 = offline baseline)")
+parser.add_argument("--w-path", type=float, default=0.1, help="weight of KL(p_T || g_S)")
+parser.add_argument("--w-bal", type=float, default=0.01, help="weight of the Switch balance loss")
+parser.add_argument("--seed", type=int, default=0, help="seed")
+parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+parser.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt if present")
+parser.add_argument("--log", help="JSON-lines metrics log (default: next to --out)")
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+def token_kl_loss(t_logits, s_logits, beta=None):
+    """Per-token beta * KL(S||T) + (1 - beta) * KL(T||S); beta=None uses T's confidence.
+    Logits [N, V] -> [N]."""
+    lt, ls = t_logits.float().log_softmax(-1), s_logits.float().log_softmax(-1)
+    pt, ps = lt.exp(), ls.exp()
+    fkl = (pt * (lt - ls)).sum(-1)
+    rkl = (ps * (ls - lt)).sum(-1)
+    if beta is None:
+        beta = pt.max(-1).values.detach()
+    return beta * rkl + (1 - beta) * fkl
+
+
+def path_kl(p_teacher, g_student):
+    """KL(p_T || g_S) per token, [N, E] -> [N]."""
+    p = p_teacher.clamp(min=1e-9)
+    return (p * (p.log() - g_student.clamp(min=1e-9).log())).sum(-1)
+
+
+def switch_aux_loss(router_probs, topk_idx):
+    """E * sum_e f_e P_e (Switch Transformer): 1 when perfectly balanced, larger otherwise."""
+    E = router_probs.size(-1)
+    f = torch.bincount(topk_idx.flatten(), minlength=E).to(router_probs.dtype) / topk_idx.numel()
+    return E * (f * router_probs.mean(0)).sum()
+
+
+def adaptive_lambda(kl, kl0, lam_max):
+    """On-policy share: 0 at the start, lam_max once the held-out KL has halved."""
+    if kl0 <= 0:
+        return lam_max
+    return lam_max * min(1.0, max(0.0, (kl0 - kl) / (0.5 * kl0)))
+
+
+# ----------------------------------------------------------------------------- main
+
+def main():
+    args = parser.parse_args()
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    device = common.pick_device(args.device)
+    common.seed_all(args.seed)
+    log = args.log or os.path.join(os.path.dirname(os.path.abspath(args.out)), "stage2.jsonl")
+    sckpt = common.load_checkpoint(args.inp, kind="moe")
+    if "clusters" not in sckpt:
+        raise common.UserError(f"{args.inp} has no Stage I clusters (stage {sckpt['stage']})")
+    tckpt = common.load_checkpoint(common.teacher_path_for(args.teacher, args.inp), kind="dense")
+    enc = data.tokenizer_from_dict(sckpt["tokenizer"])
+    eos = data.eos_id(enc)
+    student, teacher = common.build_model(sckpt, device), common.build_model(tckpt, device).eval()
+    clusters = [c.to(device) for c in sckpt["clusters"]]
+    splits = data.build_splits(seed=tckpt["args"].get("seed", 0))
+    train, val = list(splits["train"]), list(splits["validation"])[:args.n_val]
+    test = list(splits["test"])[:args.n_test]
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    kl0 = eval_math.kl_to_teacher(student, teacher, enc, val, device)
+    start, state = common.maybe_resume(args, student, opt)
+    gen = torch.Generator(device=device)
+    t0 = time.time()
+    kl_curve = state.get("kl_curve", [(0, kl0)])
+    kl0 = kl_curve[0][1]
+    lam = adaptive_lambda(kl_curve[-1][1], kl0, args.lam_max) if start else 0.0
+    common.append_jsonl(log, dict(stage="stage2", step=start, heldout_kl=kl0, lam=lam))
+    pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="stage2 distill")
+    for step in pbar:
+        rng = random.Random(args.seed * 1_000_003 + step)
+        gen.manual_seed(args.seed * 1_000_003 + step)
+        batch = [train[rng.randrange(len(train))] for _ in range(args.batch_size)]
+        pairs = [data.encode_example(enc, ex) for ex in batch]
+        prompts, completions = [p for p, _ in pairs], [c for _, c in pairs]
+        on = [i for i in range(len(batch)) if rng.random() < lam]
+        if on:  # on-policy rows: the student writes its own continuation
+            student.eval()
+            samples = student.generate([prompts[i] for i in on], 96, temperature=1.0, eos_id=eos, generator=gen)
+            student.train()
+            for i, s in zip(on, samples):
+                completions[i] = s if s else [eos]
+        idx, targets, valid = common.pad_batch(prompts, completions, device)
+        t_logits, p_t, _ = teacher_paths(teacher, idx, clusters)
+        s_logits, _ = student(idx)
+        mask = (targets >= 0).flatten()
+        V = s_logits.size(-1)
+        beta = 0.0 if args.loss == "fkl" else None
+        l_tok = token_kl_loss(t_logits.view(-1, V)[mask], s_logits.view(-1, V)[mask], beta).mean()
+        l_path = sum(path_kl(p[mask], f.router_probs[mask]).mean() for p, f in zip(p_t, student.ffns))
+        vflat = valid.flatten()
+        l_bal = sum(switch_aux_loss(f.router_probs[vflat], f.topk_idx[vflat]) for f in student.ffns)
+        loss = l_tok + args.w_path * l_path + args.w_bal * l_bal
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        pbar.set_postfix(tok=f"{l_tok.item():.4f}", path=f"{float(l_path):.3f}", lam=f"{lam:.2f}")
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            kl = eval_math.kl_to_teacher(student, teacher, enc, val, device)
+            kl_curve.append((step + 1, kl))
+            lam = adaptive_lambda(kl, kl0, args.lam_max)
+            common.append_jsonl(log, dict(stage="stage2", step=step + 1, loss_tok=l_tok.item(), loss_path=float(l_path),
+                                          loss_bal=float(l_bal), heldout_kl=kl, lam=lam, on_policy_rows=len(on)))
+            pbar.write(f"step {step + 1}: held-out KL(T||S) {kl:.4f}, lambda -> {lam:.2f}")
+            if step + 1 < args.steps:
+                common.save_resume(args, student, opt, step + 1, sckpt["tokenizer"], kl_curve=kl_curve)
+
+    res = eval_math.evaluate(student, enc, test, device, desc="stage2 test")
+    active, total = count_params(student)
+    metrics = dict(acc=res["acc"], per_subdomain=res["per_subdomain"], kl_to_teacher=kl_curve[-1][1],
+                   heldout_kl_curve=kl_curve, final_lambda=lam, routing_entropy=res["routing_entropy"],
+                   max_vio=res["max_vio"], max_vio_per_layer=res["max_vio_per_layer"], heatmap=res["heatmap"],
+                   active_params=active, total_params=total, seconds=round(time.time() - t0, 1))
+    common.append_jsonl(log, dict(stage="stage2", step=args.steps, **{k: v for k, v in metrics.items() if k != "heatmap"}))
+    common.save_checkpoint(args.out, common.make_checkpoint(student, sckpt["tokenizer"], "stage2", args, metrics, clusters=sckpt["clusters"]))
+    common.clear_resume(args)
+    print(f"held-out KL(T||S): {kl_curve[0][1]:.4f} -> {kl_curve[-1][1]:.4f}")
+    eval_math.print_report({"stage1": sckpt["metrics"], "stage2": metrics})
+    print(f"wrote {args.out} ({metrics['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    common.run(main)

@@ -1,0 +1,300 @@
+"""
+Stage III: path-refined policy optimisation (PR-GRPO) of the MoE student.
+
+GRPO with a verifiable reward. Each step takes P training prompts and samples G continuations
+of each from the current student (temperature 1, KV cache). The reward of sample i is
+
+    r_i = 1[is_equiv(extract_answer(text_i), gold)]            (eval_math: the grader IS the reward)
+    A_i = (r_i - mean_group(r)) / (std_group(r) + eps)          group-normalised advantage
+
+Then mu >= 2 optimiser steps on the same rollouts (with mu = 1 and fresh rollouts the ratio is
+identically 1 and no ratio-based refinement could do anything), each minimising the
+token-level clipped surrogate over all completion tokens t of all samples:
+
+    rho_t = gamma_t * pi_theta(y_t) / pi_old(y_t)
+    L_pg  = -mean_t min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i)  +  w_ref * KL_k3(pi_theta || pi_ref)
+
+`--algo` picks gamma_t and the extra terms:
+- grpo:   gamma_t = 1.
+- rspo:   router-shift weight (RSPO, arXiv 2510.23027), per token, no gradient:
+              gamma_t = sg(max(gamma_min, exp(-mean_l mean_{e in TopK_old} |log g_theta(e|x_t) - log g_old(e|x_t)|)))
+          tokens whose routing moved since the rollout count less.
+- prgrpo: rspo's gamma_t plus the path refinement *(reading of the paper)*:
+              + w_anchor * mean_l mean_t sum_e |g_theta(e|x_t) - g_old(e|x_t)|    anchor the router
+              + w_align  * mean_l mean_{t in A>0} KL(p_T(.|x_t) || g_theta(.|x_t))   follow T's path on good samples
+              + w_distill * mean_t KL(T || S)                                     Stage II kept on, small
+          p_T is T's path from the Stage I clusters (stage1_cluster.teacher_path).
+
+Router shift: every `--rs-every` steps the student's router distributions G_u on a fixed probe
+batch (validation prompts + gold solutions, teacher-forced) are compared with the previous
+probe,  RS(u, u') = mean_l E_t sum_j |G_u(x_t)_j - G_u'(x_t)_j|,  and appended to the run's
+JSON-lines log (`router_shift`): the paper's Figures 4 and 5 are drawn from it.
+
+Stage IV (stage4_balance.py) is this loop plus a per-sample balance reward and a selection-only
+router bias, passed in through `sample_reward` and `after_rollout`.
+
+Simplifications (nanochat-style, all at small scale):
+- no format reward by default (`--format-reward` adds one for emitting an extractable answer);
+- the reference for the KL term is the Stage II student, frozen;
+- old log-probs and old router distributions come from one no-grad forward before the updates
+  (numerically the sampling policy: same weights);
+- prompts come from the training split; evaluation is greedy pass@1 on the test split.
+
+    python stage3_prgrpo.py --in out/default/stage2.pt --out out/default/stage3.pt --algo prgrpo
+"""
+
+import argparse
+import os
+import random
+import time
+
+import torch
+from tqdm import tqdm
+
+import common
+import data
+import eval_math
+from model import count_params
+from stage1_cluster import teacher_paths
+from stage2_distill import path_kl, switch_aux_loss, token_kl_loss
+
+PRESETS = {
+    "tiny": dict(steps=4, prompts=4, group=4, n_probe=16, n_test=70, rs_every=1),
+    "default": dict(steps=40, prompts=16, group=8, n_probe=64, n_test=700, rs_every=2),
+}
+
+
+def make_parser(description, stage, inp, out):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--in", dest="inp", default=inp, help="the student checkpoint to start from")
+    p.add_argument("--teacher", help="the dense teacher (default: teacher.pt beside --in)")
+    p.add_argument("--out", default=out, help="where to write the student checkpoint")
+    p.add_argument("--algo", choices=["grpo", "rspo", "prgrpo"], default="prgrpo", help="policy-optimisation variant")
+    p.add_argument("--preset", choices=PRESETS, default="default", help="budget preset")
+    p.add_argument("--steps", type=int, help="rollout steps (preset if unset)")
+    p.add_argument("--prompts", type=int, help="prompts per rollout step (preset if unset)")
+    p.add_argument("--group", type=int, help="G, samples per prompt (preset if unset)")
+    p.add_argument("--mu", type=int, default=2, help="optimiser updates per rollout batch")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    p.add_argument("--clip", type=float, default=0.2, help="epsilon of the clipped surrogate")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
+    p.add_argument("--max-new", type=int, default=96, help="longest continuation sampled")
+    p.add_argument("--w-ref", type=float, default=0.01, help="weight of KL to the reference (input) student")
+    p.add_argument("--gamma-min", type=float, default=0.5, help="floor of the router-shift weight (rspo, prgrpo)")
+    p.add_argument("--w-anchor", type=float, default=0.5, help="prgrpo: weight of the router-shift penalty")
+    p.add_argument("--w-align", type=float, default=0.05, help="prgrpo: weight of KL(p_T || g_S) on A > 0 samples")
+    p.add_argument("--w-distill", type=float, default=0.05, help="prgrpo: weight of the kept Stage II KL(T || S)")
+    p.add_argument("--w-aux", type=float, default=0.0, help="weight of the Switch balance loss (stage 4: --balance aux)")
+    p.add_argument("--format-reward", type=float, default=0.0, help="reward for an extractable answer")
+    p.add_argument("--rs-every", type=int, help="log router shift on the probe batch every N steps")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt if present")
+    p.add_argument("--log", help="JSON-lines metrics log (default: next to --out)")
+    p.set_defaults(stage=stage)
+    return p
+
+
+parser = make_parser(__doc__.split("\n\n")[0], "stage3", "out/default/stage2.pt", "out/default/stage3.pt")
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+def group_advantages(rewards, group, eps=1e-6):
+    """(r - mean_G) / (std_G + eps) within each consecutive group of G samples. [B] -> [B]."""
+    r = rewards.view(-1, group)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + eps)).view(-1)
+
+
+def clipped_surrogate(logp, logp_old, adv, clip, gamma=None):
+    """Per-token PPO/GRPO objective to *minimise*: -min(rho A, clip(rho) A), rho = gamma * ratio."""
+    rho = torch.exp(logp - logp_old)
+    if gamma is not None:
+        rho = gamma * rho
+    return -torch.min(rho * adv, rho.clamp(1 - clip, 1 + clip) * adv)
+
+
+def router_shift_weight(logg_new, logg_old, topk_old, gamma_min):
+    """RSPO's gamma_t: lists over layers of log g [N, E] (new, old) and old top-k [N, k] ->
+    [N], floored at gamma_min, and with no gradient."""
+    dev = torch.stack([(ln.gather(1, k) - lo.gather(1, k)).abs().mean(1)
+                       for ln, lo, k in zip(logg_new, logg_old, topk_old)]).mean(0)
+    return torch.exp(-dev).clamp(min=gamma_min).detach()
+
+
+def router_shift(g_a, g_b):
+    """RS = mean_l E_t sum_j |G_a(x_t)_j - G_b(x_t)_j| over lists (layers) of [N, E]."""
+    return float(torch.stack([(a - b).abs().sum(-1).mean() for a, b in zip(g_a, g_b)]).mean())
+
+
+def token_logprobs(logits, targets):
+    """log pi(y_t) for targets >= 0 (flattened), from logits [B, T, V]."""
+    mask = targets >= 0
+    lp = logits.float().log_softmax(-1)[mask]
+    return lp.gather(1, targets[mask][:, None]).squeeze(1)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@torch.no_grad()
+def probe_router(model, idx, valid):
+    model(idx)
+    return [f.router_probs[valid].clone() for f in model.ffns]
+
+
+def rollout(student, enc, batch, args, gen, device):
+    """Sample G continuations per prompt, grade them, and record what the updates need."""
+    eos = data.eos_id(enc)
+    prompts, golds = [], []
+    for ex in batch:
+        p = eval_math.encode_prompt(enc, ex["question"])
+        prompts += [p] * args.group
+        golds += [ex["answer"]] * args.group
+    student.eval()
+    completions = student.generate(prompts, args.max_new, temperature=args.temperature, eos_id=eos, generator=gen)
+    completions = [c if c else [eos] for c in completions]
+    texts = [enc.decode([t for t in c if t != eos]) for c in completions]
+    preds = [eval_math.extract_answer(t) for t in texts]
+    correct = torch.tensor([float(eval_math.is_equiv(p, g)) for p, g in zip(preds, golds)])
+    rewards = correct + args.format_reward * torch.tensor([float(p is not None) for p in preds])
+    idx, targets, valid = common.pad_batch(prompts, completions, device)
+    with torch.no_grad():
+        logits, _ = student(idx)
+        ro = dict(idx=idx, targets=targets, valid=valid, correct=correct, rewards=rewards,
+                  logp_old=token_logprobs(logits, targets),
+                  logg_old=[f.router_probs[(targets >= 0).flatten()].clamp(min=1e-9).log() for f in student.ffns],
+                  topk_old=[f.topk_idx[(targets >= 0).flatten()] for f in student.ffns],
+                  sample_of_token=torch.arange(len(prompts), device=device)[:, None].expand_as(targets)[targets >= 0])
+    student.train()
+    return ro
+
+
+def train(args, sample_reward=None, after_rollout=None):
+    """The RL loop shared by Stages III and IV.
+
+    sample_reward(student, ro) -> [B] extra per-sample reward (Stage IV's balance reward);
+    after_rollout(student, ro) runs once per rollout batch (Stage IV's router-bias update).
+    """
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    device = common.pick_device(args.device)
+    common.seed_all(args.seed)
+    log = args.log or os.path.join(os.path.dirname(os.path.abspath(args.out)), f"{args.stage}.jsonl")
+    sckpt = common.load_checkpoint(args.inp, kind="moe")
+    if "clusters" not in sckpt:
+        raise common.UserError(f"{args.inp} has no Stage I clusters (stage {sckpt['stage']})")
+    tckpt = common.load_checkpoint(common.teacher_path_for(args.teacher, args.inp), kind="dense")
+    enc = data.tokenizer_from_dict(sckpt["tokenizer"])
+    student = common.build_model(sckpt, device)
+    teacher = common.build_model(tckpt, device).eval()
+    ref = common.build_model(sckpt, device).eval() if args.w_ref > 0 else None
+    clusters = [c.to(device) for c in sckpt["clusters"]]
+    splits = data.build_splits(seed=tckpt["args"].get("seed", 0))
+    train_set = list(splits["train"])
+    test = list(splits["test"])[:args.n_test]
+    probe = [data.encode_example(enc, ex) for ex in list(splits["validation"])[:args.n_probe]]
+    probe_idx, _, probe_valid = common.pad_batch(*zip(*probe), device)
+    probe_valid = probe_valid.flatten()
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    start, state = common.maybe_resume(args, student, opt)
+    gen = torch.Generator(device=device)
+    t0 = time.time()
+    g_prev = state.get("g_prev") or probe_router(student, probe_idx, probe_valid)
+    shifts = state.get("shifts", [])
+    rewards_curve = state.get("rewards_curve", [])
+    pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.stage} {args.algo}")
+    for step in pbar:
+        rng = random.Random(args.seed * 1_000_003 + step)
+        gen.manual_seed(args.seed * 1_000_003 + step)
+        batch = [train_set[rng.randrange(len(train_set))] for _ in range(args.prompts)]
+        ro = rollout(student, enc, batch, args, gen, device)
+        rewards = ro["rewards"].clone()
+        if sample_reward is not None:
+            rewards += sample_reward(student, ro)
+        adv = group_advantages(rewards, args.group).to(device)
+        tok_adv = adv[ro["sample_of_token"]]
+        mask = ro["targets"] >= 0
+        mflat = mask.flatten()
+        need_teacher = args.algo == "prgrpo" and (args.w_align > 0 or args.w_distill > 0)
+        if need_teacher:
+            t_logits, p_t, _ = teacher_paths(teacher, ro["idx"], clusters)
+            t_logits = t_logits[mask]
+            p_t = [p[mflat] for p in p_t]
+        if ref is not None:
+            with torch.no_grad():
+                ref_logp = token_logprobs(ref(ro["idx"])[0], ro["targets"])
+        if after_rollout is not None:
+            after_rollout(student, ro)
+        stats = {}
+        for _ in range(args.mu):
+            logits, _ = student(ro["idx"])
+            logp = token_logprobs(logits, ro["targets"])
+            logg = [f.router_probs[mflat].clamp(min=1e-9).log() for f in student.ffns]
+            gamma = None
+            if args.algo in ("rspo", "prgrpo"):
+                gamma = router_shift_weight(logg, ro["logg_old"], ro["topk_old"], args.gamma_min)
+            loss = clipped_surrogate(logp, ro["logp_old"], tok_adv, args.clip, gamma).mean()
+            if ref is not None:
+                d = ref_logp - logp
+                loss = loss + args.w_ref * (torch.exp(d) - d - 1).mean()
+            if args.algo == "prgrpo":
+                if args.w_anchor > 0:
+                    anchor = torch.stack([(lg.exp() - lo.exp()).abs().sum(-1).mean()
+                                          for lg, lo in zip(logg, ro["logg_old"])]).mean()
+                    loss = loss + args.w_anchor * anchor
+                good = tok_adv > 0
+                if args.w_align > 0 and good.any():
+                    align = torch.stack([path_kl(p[good], lg[good].exp()).mean() for p, lg in zip(p_t, logg)]).mean()
+                    loss = loss + args.w_align * align
+                if args.w_distill > 0:
+                    loss = loss + args.w_distill * token_kl_loss(t_logits, logits[mask], beta=0.0).mean()
+            if args.w_aux > 0:
+                vflat = ro["valid"].flatten()
+                loss = loss + args.w_aux * sum(switch_aux_loss(f.router_probs[vflat], f.topk_idx[vflat]) for f in student.ffns)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+            stats = dict(loss=loss.item(), gamma=float(gamma.mean()) if gamma is not None else 1.0)
+        acc = float(ro["correct"].mean())
+        rewards_curve.append(acc)
+        rec = dict(stage=args.stage, algo=args.algo, step=step + 1, reward=float(rewards.mean()), train_acc=acc, **stats)
+        if (step + 1) % args.rs_every == 0 or step + 1 == args.steps:
+            g_now = probe_router(student, probe_idx, probe_valid)
+            rec["router_shift"] = router_shift(g_now, g_prev)
+            shifts.append((step + 1, rec["router_shift"]))
+            g_prev = g_now
+        if "load" in ro:
+            rec["max_vio_batch"] = float(eval_math.max_vio(ro["load"]).mean())
+        common.append_jsonl(log, rec)
+        pbar.set_postfix(acc=f"{acc:.2f}", rs=f"{shifts[-1][1]:.4f}" if shifts else "-")
+        if (step + 1) % 10 == 0 and step + 1 < args.steps:
+            common.save_resume(args, student, opt, step + 1, sckpt["tokenizer"], g_prev=g_prev, shifts=shifts,
+                               rewards_curve=rewards_curve)
+
+    res = eval_math.evaluate(student, enc, test, device, desc=f"{args.stage} test")
+    active, total = count_params(student)
+    last = [s for u, s in shifts if u > 2 * args.steps / 3] or [s for _, s in shifts]
+    metrics = dict(acc=res["acc"], per_subdomain=res["per_subdomain"], algo=args.algo,
+                   kl_to_teacher=eval_math.kl_to_teacher(student, teacher, enc, list(splits["validation"])[:200], device),
+                   routing_entropy=res["routing_entropy"], max_vio=res["max_vio"], max_vio_per_layer=res["max_vio_per_layer"],
+                   heatmap=res["heatmap"], router_shift=sum(last) / max(1, len(last)), router_shift_curve=shifts,
+                   train_acc_curve=rewards_curve, active_params=active, total_params=total,
+                   seconds=round(time.time() - t0, 1))
+    common.append_jsonl(log, dict(stage=args.stage, step=args.steps, final=True,
+                                  **{k: v for k, v in metrics.items() if k != "heatmap"}))
+    common.save_checkpoint(args.out, common.make_checkpoint(student, sckpt["tokenizer"], args.stage, args, metrics,
+                                                            clusters=sckpt["clusters"]))
+    common.clear_resume(args)
+    eval_math.print_report({sckpt["stage"]: sckpt["metrics"], args.stage: metrics})
+    print(f"wrote {args.out} ({metrics['seconds']:.0f} s)")
+    return metrics
+
+
+def main():
+    train(parser.parse_args())
+
+
+if __name__ == "__main__":
+    common.run(main)

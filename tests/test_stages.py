@@ -1,0 +1,204 @@
+"""The pure pieces of each PADD stage, against hand computations."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, count_params
+from stage1_cluster import (balanced_assign, balanced_kmeans, build_student, decompress, expert_neurons,
+                            neuron_profiles, teacher_path)
+from stage2_distill import adaptive_lambda, path_kl, switch_aux_loss, token_kl_loss
+from stage3_prgrpo import clipped_surrogate, group_advantages, router_shift, router_shift_weight
+from stage4_balance import balance_reward, bias_update, sample_load
+from eval_math import max_vio
+
+
+# ----------------------------------------------------------------------------- Stage I
+
+def test_balanced_assign_hand_case():
+    sim = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.6], [0.1, 0.0]])
+    # rows 0, 1 take column 0 first; column 0 is then full, so rows 2 and 3 go to column 1
+    assert balanced_assign(sim, 2).tolist() == [0, 0, 1, 1]
+
+
+def test_balanced_kmeans_sizes_and_planted_clusters():
+    g = torch.Generator().manual_seed(0)
+    E, per, D = 4, 16, 64
+    centres = F.normalize(torch.randn(E, D, generator=g), dim=1)
+    truth = torch.arange(E).repeat_interleave(per)
+    feats = F.normalize(centres[truth] + 0.1 * torch.randn(E * per, D, generator=g), dim=1)
+    assign = balanced_kmeans(feats, E, seed=1)
+    assert torch.bincount(assign, minlength=E).tolist() == [per] * E
+    # the planted grouping is recovered up to a relabelling
+    for e in range(E):
+        assert len(set(assign[truth == e].tolist())) == 1
+
+
+def test_neuron_profiles_are_centred_unit_rows():
+    prof = neuron_profiles(torch.randn(50, 12))
+    assert prof.shape == (12, 50)
+    assert torch.allclose(prof.norm(dim=1), torch.ones(12, dtype=prof.dtype))
+    assert torch.allclose(prof.mean(dim=1), torch.zeros(12, dtype=prof.dtype), atol=1e-12)
+
+
+def test_teacher_path_hand_case_and_sums_to_one():
+    act = torch.tensor([[1.0, -3.0, 0.0, 4.0]])
+    assign = torch.tensor([0, 1, 1, 0])
+    assert torch.allclose(teacher_path(act, assign, 2), torch.tensor([[5 / 8, 3 / 8]]))
+    p = teacher_path(torch.randn(7, 3, 32), torch.arange(32) % 4, 4)
+    assert p.shape == (7, 3, 4) and torch.allclose(p.sum(-1), torch.ones(7, 3))
+
+
+def test_decompress_experts_compute_the_teachers_neurons():
+    torch.manual_seed(0)
+    H, d, E, h = 16, 6, 4, 8
+    w_fc, w_proj = torch.randn(H, d), torch.randn(d, H)
+    neurons = torch.stack([torch.randperm(H)[:h] for _ in range(E)])
+    w_in, w_out = decompress(w_fc, w_proj, neurons)
+    assert w_in.shape == (E, d, h) and w_out.shape == (E, h, d)
+    x = torch.randn(5, d)
+    for e in range(E):
+        sel = neurons[e]
+        want = F.gelu(x @ w_fc[sel].T) @ w_proj[:, sel].T
+        assert torch.allclose(F.gelu(x @ w_in[e]) @ w_out[e], want, atol=1e-5)
+    # one expert holding every neuron is exactly the dense FFN
+    w_in, w_out = decompress(w_fc, w_proj, torch.arange(H)[None])
+    assert torch.allclose(F.gelu(x @ w_in[0]) @ w_out[0], F.gelu(x @ w_fc.T) @ w_proj.T, atol=1e-5)
+
+
+def test_expert_neurons_start_with_their_cluster_and_are_distinct():
+    torch.manual_seed(0)
+    H, E, h = 32, 4, 16
+    act = torch.randn(200, H)
+    assign = torch.arange(H) % E
+    rows = expert_neurons(act, assign, E, h, torch.ones(H))
+    assert rows.shape == (E, h)
+    for e in range(E):
+        members = set((assign == e).nonzero().flatten().tolist())
+        assert set(rows[e, :len(members)].tolist()) == members
+        assert len(set(rows[e].tolist())) == h
+
+
+@pytest.mark.parametrize("init", ["cluster", "random_subsets", "random"])
+def test_build_student_equal_active_params_and_copied_attention(init):
+    torch.manual_seed(0)
+    teacher = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
+    H, E, k = 128, 8, 2
+    acts = [torch.randn(300, H) for _ in range(2)]
+    xs = [torch.randn(300, 32) for _ in range(2)]
+    clusters = [torch.arange(H) % E for _ in range(2)]
+    student = build_student(teacher, E, k, init, clusters, acts, xs, router_steps=5, seed=0)
+    a_t, _ = count_params(teacher)
+    a_s, t_s = count_params(student)
+    assert abs(a_s - a_t) / a_t < 0.02 and t_s > a_t
+    assert torch.equal(student.transformer.h[1].attn.c_attn.weight, teacher.transformer.h[1].attn.c_attn.weight)
+    assert torch.equal(student.transformer.wte.weight, teacher.transformer.wte.weight)
+
+
+# ----------------------------------------------------------------------------- Stage II
+
+def test_token_kl_loss_forward_reverse_and_zero():
+    t, s = torch.randn(5, 11), torch.randn(5, 11)
+    lt, ls = t.log_softmax(-1), s.log_softmax(-1)
+    fkl = F.kl_div(ls, lt, log_target=True, reduction="none").sum(-1)
+    rkl = F.kl_div(lt, ls, log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(token_kl_loss(t, s, beta=0.0), fkl, atol=1e-6)
+    assert torch.allclose(token_kl_loss(t, s, beta=1.0), rkl, atol=1e-6)
+    beta = lt.exp().max(-1).values
+    assert torch.allclose(token_kl_loss(t, s), beta * rkl + (1 - beta) * fkl, atol=1e-6)
+    assert torch.allclose(token_kl_loss(t, t), torch.zeros(5), atol=1e-6)
+
+
+def test_path_kl_hand_case():
+    p, g = torch.tensor([[0.5, 0.5]]), torch.tensor([[0.25, 0.75]])
+    want = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert math.isclose(float(path_kl(p, g)), want, rel_tol=1e-5)
+
+
+def test_switch_aux_loss_is_one_when_balanced_and_larger_when_not():
+    probs = torch.full((4, 4), 0.25)
+    assert math.isclose(float(switch_aux_loss(probs, torch.tensor([[0], [1], [2], [3]]))), 1.0, rel_tol=1e-6)
+    skew = torch.tensor([[0.7, 0.1, 0.1, 0.1]] * 4)
+    assert float(switch_aux_loss(skew, torch.zeros(4, 1, dtype=torch.long))) == pytest.approx(4 * 0.7)
+
+
+def test_adaptive_lambda_ramps_with_kl():
+    assert adaptive_lambda(1.0, 1.0, 0.5) == 0.0
+    assert adaptive_lambda(0.75, 1.0, 0.5) == pytest.approx(0.25)
+    assert adaptive_lambda(0.2, 1.0, 0.5) == 0.5
+    assert adaptive_lambda(1.5, 1.0, 0.5) == 0.0
+
+
+# ----------------------------------------------------------------------------- Stage III
+
+def test_group_advantages_hand_case():
+    adv = group_advantages(torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1]), 4)
+    std = math.sqrt(0.25 * 0.75)
+    assert torch.allclose(adv[:4], torch.tensor([0.75, -0.25, -0.25, -0.25]) / (std + 1e-6), atol=1e-5)
+    assert torch.equal(adv[4:], torch.zeros(4))  # an all-correct group teaches nothing
+
+
+def test_clipped_surrogate_hand_cases():
+    lp = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5, 1.0]))
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 2.0])
+    got = clipped_surrogate(lp, torch.zeros(5), adv, 0.2)
+    # ratio 1.5, A>0: clipped to 1.2 | ratio 1.5, A<0: unclipped 1.5 | ratio .5, A>0: .5 |
+    # ratio .5, A<0: clipped .8 | ratio 1: plain
+    assert torch.allclose(got, torch.tensor([-1.2, 1.5, -0.5, 0.8, -2.0]), atol=1e-6)
+    g = torch.tensor([0.5, 1, 1, 1, 1])
+    assert float(clipped_surrogate(lp, torch.zeros(5), adv, 0.2, g)[0]) == pytest.approx(-0.75)
+
+
+def test_clipped_surrogate_gradient_vanishes_outside_the_clip():
+    lp = torch.log(torch.tensor([1.5, 1.1])).requires_grad_(True)
+    clipped_surrogate(lp, torch.zeros(2), torch.ones(2), 0.2).sum().backward()
+    assert lp.grad[0] == 0 and lp.grad[1] != 0
+
+
+def test_router_shift_hand_distributions():
+    a = [torch.tensor([[0.5, 0.5], [1.0, 0.0]])]
+    b = [torch.tensor([[1.0, 0.0], [1.0, 0.0]])]
+    assert router_shift(a, b) == pytest.approx(0.5)   # (1.0 + 0.0) / 2 tokens
+    assert router_shift(a, a) == 0.0
+    two_layers = router_shift(a + a, b + a)
+    assert two_layers == pytest.approx(0.25)           # mean over layers
+
+
+def test_router_shift_weight_floor_and_stop_gradient():
+    old = [torch.log(torch.tensor([[0.5, 0.3, 0.2]]))]
+    topk = [torch.tensor([[0, 1]])]
+    same = old[0].clone().requires_grad_(True)
+    g = router_shift_weight([same], old, topk, 0.1)
+    assert torch.allclose(g, torch.ones(1)) and not g.requires_grad
+    moved = [torch.log(torch.tensor([[0.25, 0.6, 0.15]]))]
+    want = math.exp(-(abs(math.log(0.25 / 0.5)) + abs(math.log(0.6 / 0.3))) / 2)
+    assert float(router_shift_weight(moved, old, topk, 0.1)) == pytest.approx(want, rel=1e-5)
+    far = [torch.log(torch.tensor([[0.001, 0.001, 0.998]]))]
+    assert float(router_shift_weight(far, old, topk, 0.3)) == pytest.approx(0.3)
+
+
+# ----------------------------------------------------------------------------- Stage IV
+
+def test_balance_reward_per_sample():
+    topk = torch.tensor([[0, 1], [2, 3], [0, 1], [0, 1]])
+    sample = torch.tensor([0, 0, 1, 1])
+    loads = sample_load(topk, sample, 2, 4)
+    assert loads.tolist() == [[1, 1, 1, 1], [2, 2, 0, 0]]
+    r = balance_reward([loads])
+    assert r[0] == pytest.approx(1.0) and r[1] == pytest.approx(math.log(2) / math.log(4))
+    # differs across the samples of one group, so it survives the group normalisation
+    assert group_advantages(r, 2).abs().sum() > 0
+
+
+def test_bias_update_moves_toward_underloaded_experts():
+    b = bias_update(torch.zeros(4), torch.tensor([6.0, 2.0, 2.0, 2.0]), 0.01)
+    assert torch.allclose(b, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
+    assert torch.equal(bias_update(torch.zeros(2), torch.tensor([3.0, 3.0]), 0.5), torch.zeros(2))
+
+
+def test_max_vio():
+    assert float(max_vio(torch.tensor([5.0, 5, 5, 5]))) == 0.0
+    assert float(max_vio(torch.tensor([2.0, 1, 1, 0]))) == pytest.approx(1.0)
+    assert max_vio(torch.tensor([[2.0, 2], [3.0, 1]])).tolist() == pytest.approx([0.0, 0.5])
