@@ -91,6 +91,11 @@ def make_checkpoint(model, tokenizer_dict, stage, args, metrics, **extra):
                 metrics=metrics, tokenizer=tokenizer_dict, **extra)
 
 
+def item(x):
+    """A loss term as a float for logs, whether it is a tensor (with grad) or a number."""
+    return float(x.detach()) if torch.is_tensor(x) else float(x)
+
+
 def append_jsonl(path, record):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
@@ -114,6 +119,42 @@ def pad_batch(prompts, completions, device, pad_id=0):
         targets[i, len(p) - 1:len(s) - 1] = torch.tensor(s[len(p):])
         valid[i, :len(s) - 1] = True
     return idx.to(device), targets.to(device), valid.to(device)
+
+
+def pack_batch(next_pair, rows, T, device):
+    """Fill `rows` rows of T tokens with whole (prompt, completion) examples drawn from
+    next_pair(), back to back, instead of padding each example to the longest.
+
+    Our examples are ~50 tokens, so padding wastes about half of every padded batch; packed rows
+    carry ~2.5x the examples for ~1.4x the compute. Each example keeps its own positions
+    (0, 1, ...) and a block-diagonal causal mask stops it from attending to its neighbours, so
+    the model sees exactly what it would see alone. Returns idx, targets (-1 off the loss),
+    pos [rows, T], attn_mask [rows, 1, T, T] (True = may attend) and the number of examples.
+    """
+    idx = torch.zeros((rows, T), dtype=torch.long)
+    targets = torch.full((rows, T), -1, dtype=torch.long)
+    pos = torch.zeros((rows, T), dtype=torch.long)
+    doc = torch.full((rows, T), -1, dtype=torch.long)
+    pending, n = None, 0
+    for r in range(rows):
+        at = 0
+        while True:
+            p, c = pending or next_pair()
+            s = p + c
+            if len(s) - 1 > T:
+                raise ValueError(f"an example of {len(s)} tokens does not fit in {T}")
+            if at + len(s) - 1 > T:
+                pending = (p, c)
+                break
+            pending, L = None, len(s) - 1
+            idx[r, at:at + L] = torch.tensor(s[:-1])
+            targets[r, at + len(p) - 1:at + L] = torch.tensor(s[len(p):])
+            pos[r, at:at + L] = torch.arange(L)
+            doc[r, at:at + L] = n
+            at, n = at + L, n + 1
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = (doc[:, :, None] == doc[:, None, :]) & causal
+    return idx.to(device), targets.to(device), pos.to(device), mask[:, None].to(device), n
 
 
 # --resume: every stage saves model + optimiser + step next to its output, and removes it once

@@ -46,18 +46,18 @@ LEVELS = (1, 2, 3)
 #   entry    |matrix / vector entries|   dim    vector length / matrix size
 #   seq_n    which term of an arithmetic sequence
 LEVEL_CFG = {
-    1: dict(num=(1, 9), mul=(2, 5), steps=1, neg=False, coef=(1, 1), const=(1, 5),
+    1: dict(num=(1, 9), mul=(2, 4), steps=1, neg=False, coef=(1, 1), const=(1, 5),
+            digits=2, mult_n=(10, 20), choose_n=(3, 5), choose_k=(1, 2), fact=(2, 3),
+            items=(2, 4), pct_totals=(10,), angle=10, triples=1, scale=(1, 1),
+            quad_x=(1, 3), entry=(1, 4), dim=2, seq_n=(3, 4)),
+    2: dict(num=(1, 9), mul=(2, 9), steps=1, neg=False, coef=(1, 2), const=(1, 9),
             digits=2, mult_n=(10, 30), choose_n=(3, 6), choose_k=(1, 2), fact=(2, 4),
-            items=(2, 5), pct_totals=(10,), angle=10, triples=1, scale=(1, 2),
-            quad_x=(1, 4), entry=(1, 5), dim=2, seq_n=(3, 5)),
-    2: dict(num=(2, 12), mul=(2, 9), steps=2, neg=False, coef=(1, 2), const=(1, 9),
-            digits=3, mult_n=(20, 60), choose_n=(4, 8), choose_k=(2, 3), fact=(3, 5),
-            items=(2, 9), pct_totals=(5, 10, 20), angle=10, triples=2, scale=(1, 3),
-            quad_x=(1, 6), entry=(1, 9), dim=2, seq_n=(5, 10)),
-    3: dict(num=(10, 40), mul=(2, 9), steps=2, neg=True, coef=(2, 3), const=(2, 12),
-            digits=3, mult_n=(50, 150), choose_n=(5, 10), choose_k=(2, 3), fact=(4, 6),
-            items=(2, 9), pct_totals=(4, 5, 10, 20, 25), angle=5, triples=3,
-            scale=(1, 3), quad_x=(1, 6), entry=(1, 9), dim=3, seq_n=(5, 20)),
+            items=(2, 6), pct_totals=(10, 20), angle=10, triples=1, scale=(1, 2),
+            quad_x=(1, 4), entry=(1, 6), dim=2, seq_n=(3, 6)),
+    3: dict(num=(1, 9), mul=(2, 9), steps=2, neg=False, coef=(1, 3), const=(1, 9),
+            digits=3, mult_n=(10, 40), choose_n=(4, 6), choose_k=(2, 3), fact=(3, 5),
+            items=(2, 9), pct_totals=(5, 10, 20), angle=10, triples=2, scale=(1, 2),
+            quad_x=(1, 5), entry=(1, 9), dim=2, seq_n=(5, 8)),
 }
 
 # -----------------------------------------------------------------------------
@@ -609,6 +609,13 @@ def bos_id(enc):
 
 def eos_id(enc):
     return enc._special_tokens[EOS]
+
+def decode_completion(enc, ids):
+    """Text of sampled ids. Special tokens and the embedding's padding rows
+    (ids >= n_vocab, which an undertrained model can still sample) are dropped,
+    so decoding a sample never fails."""
+    specials = set(enc._special_tokens.values())
+    return enc.decode([t for t in ids if t < enc.n_vocab and t not in specials])
 
 # -----------------------------------------------------------------------------
 # prompt format

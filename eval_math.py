@@ -1338,7 +1338,7 @@ def evaluate(model, enc, records, device, batch_size=100, max_new_tokens=None, d
         prompts = [encode_prompt(enc, records[i]["question"]) for i in ids]
         outs = model.generate(prompts, max_new, temperature=0, eos_id=eos)
         for i, out in zip(ids, outs):
-            text = enc.decode([t for t in out if t != eos])
+            text = data.decode_completion(enc, out)
             preds[i] = extract_answer(text)
             correct[i] = is_equiv(preds[i], records[i]["answer"])
         if moe:

@@ -344,10 +344,10 @@ def main():
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
-        pbar.set_postfix(lm=f"{lm.item():.3f}", recon=f"{float(recon):.3f}", route=f"{float(route):.3f}")
+        pbar.set_postfix(lm=f"{lm.item():.3f}", recon=f"{common.item(recon):.3f}", route=f"{common.item(route):.3f}")
         if (step + 1) % 20 == 0 or step + 1 == args.steps:
             common.append_jsonl(log, dict(stage="stage1", init=args.init, step=step + 1, lm=lm.item(),
-                                          recon=float(recon), router_ce=float(route)))
+                                          recon=common.item(recon), router_ce=common.item(route)))
             if step + 1 < args.steps:
                 common.save_resume(args, student, opt, step + 1, tckpt["tokenizer"])
 

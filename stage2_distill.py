@@ -69,6 +69,7 @@ parser.add_argument("--seed", type=int, default=0, help="seed")
 parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
 parser.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt if present")
 parser.add_argument("--log", help="JSON-lines metrics log (default: next to --out)")
+parser.add_argument("--stop-after", type=int, help="stop at the first resume point at or after this step (tests --resume)")
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -164,16 +165,19 @@ def main():
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
-        pbar.set_postfix(tok=f"{l_tok.item():.4f}", path=f"{float(l_path):.3f}", lam=f"{lam:.2f}")
+        pbar.set_postfix(tok=f"{l_tok.item():.4f}", path=f"{common.item(l_path):.3f}", lam=f"{lam:.2f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             kl = eval_math.kl_to_teacher(student, teacher, enc, val, device)
             kl_curve.append((step + 1, kl))
             lam = adaptive_lambda(kl, kl0, args.lam_max)
-            common.append_jsonl(log, dict(stage="stage2", step=step + 1, loss_tok=l_tok.item(), loss_path=float(l_path),
-                                          loss_bal=float(l_bal), heldout_kl=kl, lam=lam, on_policy_rows=len(on)))
+            common.append_jsonl(log, dict(stage="stage2", step=step + 1, loss_tok=l_tok.item(), loss_path=common.item(l_path),
+                                          loss_bal=common.item(l_bal), heldout_kl=kl, lam=lam, on_policy_rows=len(on)))
             pbar.write(f"step {step + 1}: held-out KL(T||S) {kl:.4f}, lambda -> {lam:.2f}")
             if step + 1 < args.steps:
                 common.save_resume(args, student, opt, step + 1, sckpt["tokenizer"], kl_curve=kl_curve)
+                if args.stop_after and step + 1 >= args.stop_after:
+                    print(f"stopped at step {step + 1}; continue with --resume")
+                    return
 
     res = eval_math.evaluate(student, enc, test, device, desc="stage2 test")
     active, total = count_params(student)

@@ -153,7 +153,7 @@ def rollout(student, enc, batch, args, gen, device):
     student.eval()
     completions = student.generate(prompts, args.max_new, temperature=args.temperature, eos_id=eos, generator=gen)
     completions = [c if c else [eos] for c in completions]
-    texts = [enc.decode([t for t in c if t != eos]) for c in completions]
+    texts = [data.decode_completion(enc, c) for c in completions]
     preds = [eval_math.extract_answer(t) for t in texts]
     correct = torch.tensor([float(eval_math.is_equiv(p, g)) for p, g in zip(preds, golds)])
     rewards = correct + args.format_reward * torch.tensor([float(p is not None) for p in preds])

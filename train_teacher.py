@@ -51,6 +51,9 @@ parser.add_argument("--preset", choices=PRESETS, default="default", help="model 
 parser.add_argument("--steps", type=int, help="optimiser steps (preset if unset)")
 parser.add_argument("--batch-size", type=int, help="sequences per step (preset if unset)")
 parser.add_argument("--lr", type=float, help="peak learning rate (preset if unset)")
+parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                    help="pack whole examples into full rows (batch-size counts rows) instead of padding")
+parser.add_argument("--n-test", type=int, help="test problems graded at the end (preset if unset)")
 parser.add_argument("--seed", type=int, default=0, help="seed for init, data order and the suite")
 parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
 parser.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt if present")
@@ -74,8 +77,8 @@ def main():
     log = args.log or os.path.join(os.path.dirname(os.path.abspath(args.out)), "teacher.jsonl")
 
     enc = data.get_tokenizer()
-    splits = data.build_splits(n_train=args.n_train, seed=args.seed)
-    train, val = list(splits["train"]), list(splits["validation"])
+    splits = data.build_splits(n_train=max(args.n_train, 20000), seed=args.seed)  # same test set for every n_train
+    train, val = list(splits["train"])[:args.n_train], list(splits["validation"])
     test = list(splits["test"])[:args.n_test]
     config = GPTConfig(vocab_size=data.vocab_size_padded(enc), n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd)
@@ -89,11 +92,16 @@ def main():
     pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="teacher")
     for step in pbar:
         rng = random.Random(args.seed * 1_000_003 + step)  # per-step stream: resuming replays the same batches
-        batch = [train[rng.randrange(len(train))] for _ in range(args.batch_size)]
-        idx, targets, _ = common.pad_batch(*zip(*[data.encode_example(enc, ex) for ex in batch]), device)
+        if args.pack:
+            draw = lambda: data.encode_example(enc, train[rng.randrange(len(train))])
+            idx, targets, pos, mask, _ = common.pack_batch(draw, args.batch_size, config.block_size, device)
+        else:
+            batch = [train[rng.randrange(len(train))] for _ in range(args.batch_size)]
+            idx, targets, _ = common.pad_batch(*zip(*[data.encode_example(enc, ex) for ex in batch]), device)
+            pos = mask = None
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, warmup=max(1, args.steps // 20))
-        _, loss = model(idx, targets)
+        _, loss = model(idx, targets, pos=pos, attn_mask=mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

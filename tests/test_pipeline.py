@@ -1,0 +1,138 @@
+"""
+End to end: the tiny pipeline (what `make smoke` runs) once per test session, then the
+checkpoint contract, parameter counts, logs, user errors and determinism on its outputs.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ["teacher", "stage1", "stage2", "stage3", "stage4"]
+
+
+def run(*argv, check=True):
+    r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{argv} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    d = tmp_path_factory.mktemp("smoke")
+    r = subprocess.run(["make", "--no-print-directory", "pipeline", f"DIR={d}", "PRESET=tiny",
+                        f"PY={sys.executable}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return d, r.stdout
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_checkpoint_contract(smoke):
+    d, _ = smoke
+    for stage in STAGES:
+        ck = load(d / f"{stage}.pt")
+        assert ck["stage"] == stage
+        assert {"n_expert", "top_k"} <= set(ck["config"])
+        assert isinstance(ck["args"], dict) and ck["args"]["preset"] == "tiny"
+        m = ck["metrics"]
+        assert 0.0 <= m["acc"] <= 1.0
+        assert m["active_params"] > 0 and m["total_params"] >= m["active_params"]
+        assert all(torch.is_tensor(v) for v in ck["model"].values())
+        assert "ranks" in ck["tokenizer"]
+        assert not os.path.exists(d / f"{stage}.pt.resume.pt")  # removed once the stage finished
+    assert load(d / "stage1.pt")["clusters"] is not None
+
+
+def test_checkpoint_decodes_with_its_own_tokenizer(smoke):
+    import data
+    d, _ = smoke
+    enc = data.tokenizer_from_dict(load(d / "stage4.pt")["tokenizer"])
+    text = "What is 12 + 30?\n12 + 30 = 42\n#### 42"
+    assert enc.decode(enc.encode_ordinary(text)) == text
+    assert enc.n_vocab == data.get_tokenizer().n_vocab
+
+
+def test_student_matches_teacher_cost(smoke):
+    d, _ = smoke
+    t = load(d / "teacher.pt")["metrics"]
+    for stage in STAGES[1:]:
+        ck = load(d / f"{stage}.pt")
+        m = ck["metrics"]
+        assert ck["config"]["n_expert"] > 1
+        assert abs(m["active_params"] - t["active_params"]) / t["active_params"] <= 0.02
+        assert m["total_params"] > t["total_params"]
+
+
+def test_logs_and_table(smoke):
+    d, out = smoke
+    for stage in STAGES:
+        lines = [json.loads(l) for l in open(d / f"{stage}.jsonl")]
+        assert lines, stage
+    rs = [l for l in map(json.loads, open(d / "stage3.jsonl")) if "router_shift" in l]
+    assert rs and all(l["router_shift"] >= 0 for l in rs)
+    assert (d / "stage1_heatmap.png").stat().st_size > 0
+    last = out.strip().splitlines()[-len(STAGES):]  # eval_math --table: one row per checkpoint
+    assert [row.split()[0] for row in last] == STAGES
+
+
+@pytest.mark.parametrize("script,inp,what", [
+    ("stage2_distill.py", "teacher.pt", "dense model"),      # dense where a student is expected
+    ("stage1_cluster.py", "stage2.pt", "MoE student"),       # student where the teacher is expected
+    ("stage3_prgrpo.py", "nope.pt", "not found"),            # a wrong path
+])
+def test_user_error_is_one_line_and_harmless(smoke, tmp_path, script, inp, what):
+    d, _ = smoke
+    out = tmp_path / "existing.pt"
+    out.write_bytes(b"an earlier checkpoint")
+    r = run(script, "--preset", "tiny", "--in", str(d / inp), "--out", str(out), check=False)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and what in r.stderr
+    assert out.read_bytes() == b"an earlier checkpoint"
+
+
+def test_corrupt_checkpoint_is_a_user_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    r = run("eval_math.py", "--ckpt", str(bad), check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "bad.pt" in r.stderr
+
+
+def test_same_seed_same_numbers(smoke, tmp_path):
+    d, _ = smoke
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.pt"
+        run("stage3_prgrpo.py", "--preset", "tiny", "--steps", "2", "--in", str(d / "stage2.pt"),
+            "--out", str(out), "--log", str(tmp_path / f"{name}.jsonl"), "--device", "cpu")
+        runs.append(load(out))
+    a, b = runs
+    drop = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # wall time differs
+    assert drop(a["metrics"]) == drop(b["metrics"])
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_resume_gives_the_same_model(smoke, tmp_path):
+    """Stopping half-way and resuming lands where an uninterrupted run does."""
+    d, _ = smoke
+    common_args = ["--preset", "tiny", "--in", str(d / "stage1.pt"), "--device", "cpu"]
+    full = tmp_path / "full.pt"
+    run("stage2_distill.py", *common_args, "--steps", "16", "--out", str(full), "--log", str(tmp_path / "f.jsonl"))
+    part = tmp_path / "part.pt"
+    run("stage2_distill.py", *common_args, "--steps", "16", "--stop-after", "8", "--out", str(part),
+        "--log", str(tmp_path / "p.jsonl"))
+    assert not part.exists() and (tmp_path / "part.pt.resume.pt").exists()
+    run("stage2_distill.py", *common_args, "--steps", "16", "--resume", "--out", str(part),
+        "--log", str(tmp_path / "p.jsonl"))
+    a, b = load(full)["model"], load(part)["model"]
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
