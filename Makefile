@@ -7,7 +7,7 @@ SMOKE  ?= out/smoke
 PRESET ?= default
 SEED   ?= 0
 
-.PHONY: venv run pipeline smoke test bench clean
+.PHONY: venv run pipeline smoke test bench stage1-inits clean
 
 .venv/.installed: requirements.txt
 	python3 -m venv .venv
@@ -35,6 +35,13 @@ smoke: venv
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# Stage I baselines: the same warmup budget from three initialisations (needs $(RUN)/teacher.pt)
+stage1-inits: venv
+	for init in cluster random_subsets random; do \
+	  $(PY) stage1_cluster.py --preset $(PRESET) --seed $(SEED) --init $$init --in $(RUN)/teacher.pt \
+	    --out $(RUN)/inits/stage1_$$init.pt 2>/dev/null | grep "val loss" | sed "s/^/$$init: /"; \
+	done
 
 bench: venv
 	$(PY) bench.py --json out/bench.json

@@ -7,7 +7,11 @@ the built-in math suite (data.py). Each example is
     <|bos|> question \\n  |  step-by-step solution ... #### answer <|eos|>
 
 and the loss is next-token cross-entropy on the solution tokens only (right of the bar): the
-model is never asked to predict the question. AdamW, linear warmup then cosine decay to 10%,
+model is never asked to predict the question. Examples (~50 tokens) are packed whole into rows
+of block_size tokens, each with its own positions and a block-diagonal causal mask
+(common.pack_batch), so no compute goes to padding; `--batch-size` counts rows. The default
+uses small batches (8 rows, ~20 examples) and many steps: at a fixed CPU budget that learned
+faster than 32 or 64 rows in our runs (README). AdamW, linear warmup then cosine decay to 10%,
 periodic validation loss, and at the end greedy pass@1 on the test split, overall and per
 subdomain (eval_math.evaluate, the same grader Stage III uses as its reward).
 
@@ -41,8 +45,8 @@ PRESETS = {
     # model size, optimisation budget, and how many test problems to grade
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, steps=60, batch_size=32, lr=3e-3, n_test=70,
                  n_train=4000, eval_every=30),
-    "default": dict(n_layer=4, n_head=4, n_embd=128, steps=700, batch_size=64, lr=2e-3, n_test=700,
-                    n_train=20000, eval_every=100),
+    "default": dict(n_layer=4, n_head=4, n_embd=128, steps=2400, batch_size=8, lr=3e-3, n_test=700,
+                    n_train=20000, eval_every=400),
 }
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
