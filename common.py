@@ -42,6 +42,18 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
+def setup(args, presets, stage):
+    """What every script does first: fill unset arguments from the preset, pick the device,
+    seed everything. Returns (device, path of the run's JSON-lines log)."""
+    for k, v in presets[args.preset].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+    device = pick_device(args.device)
+    seed_all(args.seed)
+    log = args.log or os.path.join(os.path.dirname(os.path.abspath(args.out)), f"{stage}.jsonl")
+    return device, log
+
+
 def seed_all(seed):
     random.seed(seed)
     np.random.seed(seed)

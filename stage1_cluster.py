@@ -295,12 +295,7 @@ def subdomain_table(p, subs):
 
 def main():
     args = parser.parse_args()
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    device = common.pick_device(args.device)
-    common.seed_all(args.seed)
-    log = args.log or os.path.join(os.path.dirname(os.path.abspath(args.out)), "stage1.jsonl")
+    device, log = common.setup(args, PRESETS, "stage1")
     tckpt = common.load_checkpoint(args.inp, kind="dense")
     if 4 * tckpt["config"]["n_embd"] % args.top_k:
         raise common.UserError(f"--top-k {args.top_k} does not divide the teacher's FFN hidden size")

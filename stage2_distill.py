@@ -34,7 +34,6 @@ The student is trained on all its parameters (the paper does not freeze anything
 """
 
 import argparse
-import os
 import random
 import time
 
@@ -110,12 +109,7 @@ def adaptive_lambda(kl, kl0, lam_max):
 
 def main():
     args = parser.parse_args()
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    device = common.pick_device(args.device)
-    common.seed_all(args.seed)
-    log = args.log or os.path.join(os.path.dirname(os.path.abspath(args.out)), "stage2.jsonl")
+    device, log = common.setup(args, PRESETS, "stage2")
     sckpt = common.load_checkpoint(args.inp, kind="moe")
     if "clusters" not in sckpt:
         raise common.UserError(f"{args.inp} has no Stage I clusters (stage {sckpt['stage']})")

@@ -44,7 +44,6 @@ Simplifications (nanochat-style, all at small scale):
 """
 
 import argparse
-import os
 import random
 import time
 
@@ -175,12 +174,7 @@ def train(args, sample_reward=None, after_rollout=None):
     sample_reward(student, ro) -> [B] extra per-sample reward (Stage IV's balance reward);
     after_rollout(student, ro) runs once per rollout batch (Stage IV's router-bias update).
     """
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    device = common.pick_device(args.device)
-    common.seed_all(args.seed)
-    log = args.log or os.path.join(os.path.dirname(os.path.abspath(args.out)), f"{args.stage}.jsonl")
+    device, log = common.setup(args, PRESETS, args.stage)
     sckpt = common.load_checkpoint(args.inp, kind="moe")
     if "clusters" not in sckpt:
         raise common.UserError(f"{args.inp} has no Stage I clusters (stage {sckpt['stage']})")

@@ -29,7 +29,6 @@ competition math; ours is trained from scratch on a synthetic suite, in minutes,
 
 import argparse
 import math
-import os
 import random
 import time
 
@@ -73,12 +72,7 @@ def lr_at(step, steps, peak, warmup):
 
 def main():
     args = parser.parse_args()
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k, None) is None:
-            setattr(args, k, v)
-    device = common.pick_device(args.device)
-    common.seed_all(args.seed)
-    log = args.log or os.path.join(os.path.dirname(os.path.abspath(args.out)), "teacher.jsonl")
+    device, log = common.setup(args, PRESETS, "teacher")
 
     enc = data.get_tokenizer()
     splits = data.build_splits(n_train=max(args.n_train, 20000), seed=args.seed)  # same test set for every n_train
