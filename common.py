@@ -42,6 +42,14 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
+def add_run_args(parser, seed_help="seed"):
+    """The flags every script shares, read by setup() and maybe_resume()."""
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt if present")
+    parser.add_argument("--log", help="JSON-lines metrics log (default: next to --out)")
+
+
 def setup(args, presets, stage):
     """What every script does first: fill unset arguments from the preset, pick the device,
     seed everything. Returns (device, path of the run's JSON-lines log)."""

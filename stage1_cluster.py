@@ -81,10 +81,7 @@ parser.add_argument("--batch-size", type=int, help="warmup batch (preset if unse
 parser.add_argument("--lr", type=float, default=1e-3, help="warmup learning rate")
 parser.add_argument("--w-recon", type=float, default=1.0, help="weight of FFN reconstruction")
 parser.add_argument("--w-router", type=float, default=0.1, help="weight of router CE against p_T")
-parser.add_argument("--seed", type=int, default=0, help="seed")
-parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-parser.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt if present")
-parser.add_argument("--log", help="JSON-lines metrics log (default: next to --out)")
+common.add_run_args(parser)
 
 
 # ----------------------------------------------------------------------------- pure pieces

@@ -64,10 +64,7 @@ parser.add_argument("--loss", choices=["adaptive", "fkl"], default="adaptive",
 parser.add_argument("--lam-max", type=float, default=0.5, help="largest on-policy share (0 = offline baseline)")
 parser.add_argument("--w-path", type=float, default=0.1, help="weight of KL(p_T || g_S)")
 parser.add_argument("--w-bal", type=float, default=0.01, help="weight of the Switch balance loss")
-parser.add_argument("--seed", type=int, default=0, help="seed")
-parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-parser.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt if present")
-parser.add_argument("--log", help="JSON-lines metrics log (default: next to --out)")
+common.add_run_args(parser)
 parser.add_argument("--stop-after", type=int, help="stop at the first resume point at or after this step (tests --resume)")
 
 

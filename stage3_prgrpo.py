@@ -86,10 +86,7 @@ def make_parser(description, stage, inp, out):
     p.add_argument("--w-aux", type=float, default=0.0, help="weight of the Switch balance loss (stage 4: --balance aux)")
     p.add_argument("--format-reward", type=float, default=0.0, help="reward for an extractable answer")
     p.add_argument("--rs-every", type=int, help="log router shift on the probe batch every N steps")
-    p.add_argument("--seed", type=int, default=0, help="seed")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt if present")
-    p.add_argument("--log", help="JSON-lines metrics log (default: next to --out)")
+    common.add_run_args(p)
     p.set_defaults(stage=stage)
     return p
 

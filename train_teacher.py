@@ -57,10 +57,7 @@ parser.add_argument("--lr", type=float, help="peak learning rate (preset if unse
 parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                     help="pack whole examples into full rows (batch-size counts rows) instead of padding")
 parser.add_argument("--n-test", type=int, help="test problems graded at the end (preset if unset)")
-parser.add_argument("--seed", type=int, default=0, help="seed for init, data order and the suite")
-parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-parser.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt if present")
-parser.add_argument("--log", help="JSON-lines metrics log (default: next to --out)")
+common.add_run_args(parser, seed_help="seed for init, data order and the suite")
 
 
 def lr_at(step, steps, peak, warmup):
