@@ -160,6 +160,8 @@ def rollout(student, enc, batch, args, gen, device):
                   logp_old=token_logprobs(logits, targets),
                   logg_old=[f.router_probs[(targets >= 0).flatten()].clamp(min=1e-9).log() for f in student.ffns],
                   topk_old=[f.topk_idx[(targets >= 0).flatten()] for f in student.ffns],
+                  # every routed token, prompt included: the load that inference pays for
+                  topk_all=[f.topk_idx[valid.flatten()] for f in student.ffns],
                   sample_of_token=torch.arange(len(prompts), device=device)[:, None].expand_as(targets)[targets >= 0])
     student.train()
     return ro

@@ -20,7 +20,9 @@ into the objective in one of these ways (`--balance`):
           the gate values or the loss, so it balances without fighting the router's learning.
 
 MaxVio = max_e load_e / mean_e load_e - 1 over the global batch, per layer, is logged every
-step (`max_vio_batch`, mean over layers) and measured at the end on the test generations.
+step (`max_vio_batch`, mean over layers) and measured at the end on the test generations. Load
+counts every token the student routes, prompt and completion alike (what inference pays for);
+the balance reward looks at completion tokens only, the actions a sample chose.
 
 Deviations: the paper runs Stages II-IV as one pipeline; here Stage IV is a second RL phase
 started from the Stage III checkpoint (the same loop, fewer steps), so each stage can be
@@ -77,7 +79,10 @@ def main():
 
     def sample_reward(student, ro):
         loads = loads_of(student, ro)
-        ro["load"] = torch.stack([c.sum(0) for c in loads]).cpu()  # global batch, per layer
+        # global batch, per layer, over prompt and completion tokens alike: evaluation measures
+        # MaxVio on both, and balancing completions alone left the prompts' load skewed
+        E = student.config.n_expert
+        ro["load"] = torch.stack([torch.bincount(k.flatten(), minlength=E) for k in ro["topk_all"]]).float().cpu()
         if args.balance in ("reward", "reward_bias"):
             return args.alpha * balance_reward(loads).cpu()
         return torch.zeros(ro["rewards"].numel())

@@ -19,9 +19,9 @@ def small(n_expert=1, top_k=1, **kw):
 
 def test_dense_param_count_matches_formula():
     m = small()
-    d, L, V, T = 32, 2, 96, 64
+    d, L, V = 32, 2, 96
     per_layer = 4 * d * d + 8 * d * d + 2 * d  # attention, FFN, two LayerNorm weights
-    expected = V * d + T * d + L * per_layer + d  # tied embedding, positions, final norm
+    expected = V * d + L * per_layer + d  # tied embedding (RoPE has no parameters), final norm
     assert count_params(m) == (expected, expected)
 
 
