@@ -1,13 +1,16 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    build .venv, then teacher -> Stage I -> II -> III -> IV -> one results table
-#   make test   build .venv, then the unit tests and the tiny end-to-end pipeline
+#   make test   build .venv, then the unit tests, the tiny end-to-end pipeline, and ddp-smoke
 PY     ?= .venv/bin/python
+# how the training scripts are started: $(PY), or torchrun for data parallelism (ddp-smoke)
+LAUNCH ?= $(PY)
+TORCHRUN = .venv/bin/torchrun --standalone --nproc_per_node=2
 RUN    ?= out/default
 SMOKE  ?= out/smoke
 PRESET ?= default
 SEED   ?= 0
 
-.PHONY: venv run pipeline smoke test bench stage1-inits clean
+.PHONY: venv run pipeline smoke ddp-smoke test bench stage1-inits clean
 
 .venv/.installed: requirements.txt
 	python3 -m venv .venv
@@ -18,11 +21,11 @@ venv: .venv/.installed
 
 # The whole method on the built-in math suite. DIR, PRESET and SEED pick where and how.
 pipeline:
-	$(PY) train_teacher.py  --preset $(PRESET) --seed $(SEED) --out $(DIR)/teacher.pt
-	$(PY) stage1_cluster.py --preset $(PRESET) --seed $(SEED) --in $(DIR)/teacher.pt --out $(DIR)/stage1.pt
-	$(PY) stage2_distill.py --preset $(PRESET) --seed $(SEED) --in $(DIR)/stage1.pt  --out $(DIR)/stage2.pt
-	$(PY) stage3_prgrpo.py  --preset $(PRESET) --seed $(SEED) --in $(DIR)/stage2.pt  --out $(DIR)/stage3.pt
-	$(PY) stage4_balance.py --preset $(PRESET) --seed $(SEED) --in $(DIR)/stage3.pt  --out $(DIR)/stage4.pt
+	$(LAUNCH) train_teacher.py  --preset $(PRESET) --seed $(SEED) --out $(DIR)/teacher.pt
+	$(LAUNCH) stage1_cluster.py --preset $(PRESET) --seed $(SEED) --in $(DIR)/teacher.pt --out $(DIR)/stage1.pt
+	$(LAUNCH) stage2_distill.py --preset $(PRESET) --seed $(SEED) --in $(DIR)/stage1.pt  --out $(DIR)/stage2.pt
+	$(LAUNCH) stage3_prgrpo.py  --preset $(PRESET) --seed $(SEED) --in $(DIR)/stage2.pt  --out $(DIR)/stage3.pt
+	$(LAUNCH) stage4_balance.py --preset $(PRESET) --seed $(SEED) --in $(DIR)/stage3.pt  --out $(DIR)/stage4.pt
 	$(PY) eval_math.py --table $(DIR)
 
 run: venv
@@ -33,8 +36,13 @@ run: venv
 smoke: venv
 	$(MAKE) --no-print-directory pipeline DIR=$(SMOKE) PRESET=tiny
 
+# the tiny pipeline with 2 data-parallel processes (gloo on CPU)
+ddp-smoke: venv
+	$(MAKE) --no-print-directory pipeline DIR=out/ddp-smoke PRESET=tiny LAUNCH="$(TORCHRUN)"
+
 test: venv
 	$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory ddp-smoke
 
 # Stage I baselines: the same warmup budget from three initialisations (needs $(RUN)/teacher.pt)
 stage1-inits: venv

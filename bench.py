@@ -4,10 +4,16 @@ Benchmarks. Not a test: it prints a table and optionally writes a JSON of result
     python bench.py                       # auto device, kernel section
     python bench.py --device cpu --json out/bench.json --repeats 30
 
-Sections (one function each, each returns a flat dict that main() merges):
-  bench_kernel  forward+backward time of the MoE FFN kernel (moe_kernel.moe_ffn) against
-                a dense FFN with the same active parameters and against the per-expert
-                masked loop most codebases write.
+Sections (one function each, each returns a dict that main() merges):
+  bench_kernel    forward+backward time of the MoE FFN kernel (moe_kernel.moe_ffn) against
+                  a dense FFN with the same active parameters and against the per-expert
+                  masked loop most codebases write.
+  bench_kv_cache  batched sampling with the KV cache against re-running the full forward
+                  for every new token (batch 64, 128 new tokens, the default teacher's shape).
+  bench_training  training tokens per second (forward, backward, AdamW step) of the default
+                  teacher and of its MoE student (E=8, k=2), on packed 128-token rows.
+  peak memory     read from the checkpoints of a finished default run (--run, `make run`
+                  writes it): every stage records its process's peak resident memory.
 
 Timing method: after warmup, every repeat runs each contender once, in turn, so slow
 drift of the machine (thermal, other processes) hits all of them alike; we report the
@@ -24,12 +30,16 @@ import argparse
 import ctypes
 import json
 import os
+import random
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+import common
+import data
+from model import GPT, GPTConfig
 from moe_kernel import moe_ffn, moe_ffn_masked_loop
 
 # (E, k, h at d=128) per routing setting; h shrinks as k grows so the active hidden
@@ -126,11 +136,87 @@ def bench_kernel(device, repeats=20, sizes=((4096, 128),), configs=KERNEL_CONFIG
     return out
 
 
+def default_model(device, n_expert=1, top_k=1, block_size=128):
+    """The default preset's shapes (train_teacher.py): 4 layers, d=128, 4 heads."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=block_size, vocab_size=data.vocab_size_padded(data.get_tokenizer()),
+                    n_layer=4, n_head=4, n_embd=128, n_expert=n_expert, top_k=top_k)
+    return GPT(cfg).to(device)
+
+
+def bench_kv_cache(device, batch=64, prompt_len=16, new_tokens=128, repeats=2):
+    """Greedy generation of `new_tokens` for `batch` prompts, with and without the KV cache.
+    No end token, so both paths produce every token (block_size is raised to fit them)."""
+    model = default_model(device, block_size=prompt_len + new_tokens).eval()
+    g = random.Random(0)
+    prompts = [[g.randrange(256) for _ in range(prompt_len)] for _ in range(batch)]
+    t = interleaved_medians({
+        "cache": lambda: model.generate(prompts, new_tokens, temperature=0),
+        "no_cache": lambda: model.generate(prompts, new_tokens, temperature=0, use_cache=False),
+    }, torch.device(device), repeats, warmup=1)
+    out = {"kv_cache_speedup": round(t["no_cache"] / t["cache"], 2),
+           "kv_cache_ms": {k: round(v, 1) for k, v in t.items()},
+           "generate_tokens_per_s": round(batch * new_tokens / (t["cache"] / 1e3))}
+    print(f"KV cache, batch {batch}, {new_tokens} new tokens: {t['cache']:.0f} ms with, "
+          f"{t['no_cache']:.0f} ms without -> {out['kv_cache_speedup']:.1f}x (target >= 5x)")
+    return out
+
+
+def bench_training(device, rows=8, steps=10):
+    """Tokens per second of full training steps on packed rows, teacher and student."""
+    enc = data.get_tokenizer()
+    train = list(data.build_splits(n_train=2000, n_val=10, n_test=10)["train"])
+    out = {}
+    for name, (E, k) in {"teacher": (1, 1), "student": (8, 2)}.items():
+        model = default_model(device, E, k)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        rng = random.Random(0)
+        draw = lambda: data.encode_example(enc, train[rng.randrange(len(train))])
+        batches = [common.pack_batch(draw, rows, model.config.block_size, device) for _ in range(steps + 2)]
+
+        def step(b):
+            idx, targets, pos, mask, _ = b
+            _, loss = model(idx, targets, pos=pos, attn_mask=mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for b in batches[:2]:  # warmup
+            step(b)
+        _sync(torch.device(device))
+        t0 = time.perf_counter()
+        for b in batches[2:]:
+            step(b)
+        _sync(torch.device(device))
+        out[f"train_tokens_per_s_{name}"] = round(steps * rows * model.config.block_size / (time.perf_counter() - t0))
+    print(f"training tokens/s ({rows} rows x 128): teacher {out['train_tokens_per_s_teacher']:,}, "
+          f"student E8 k2 {out['train_tokens_per_s_student']:,}")
+    return out
+
+
+def pipeline_peak_memory(run_dir):
+    """Largest peak resident memory (MiB) any stage of a finished run recorded, per stage."""
+    per = {}
+    for stage in ("teacher", "stage1", "stage2", "stage3", "stage4"):
+        path = os.path.join(run_dir, f"{stage}.pt")
+        if os.path.exists(path):
+            m = torch.load(path, map_location="cpu", weights_only=True)["metrics"]
+            if "peak_mem_mib" in m:
+                per[stage] = m["peak_mem_mib"]
+    if not per:
+        print(f"peak memory: no checkpoints with peak_mem_mib in {run_dir} (run `make run` first)")
+        return {"peak_memory_mib": None}
+    peak = max(per.values())
+    print(f"peak memory of the pipeline in {run_dir}: {peak:.0f} MiB ({max(per, key=per.get)}; target <= 4096)")
+    return {"peak_memory_mib": peak, "peak_memory_mib_per_stage": per}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", default=None, help="write the results dict here")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=20, help="interleaved repeats of the kernel timings")
+    p.add_argument("--run", default="out/default", help="a finished default run, for its peak memory")
     p.add_argument("--keep-freed-memory", action="store_true",
                    help="glibc mallopt so big tensors are not page-faulted in afresh (see docstring)")
     p.add_argument("--sizes", default=None,
@@ -152,7 +238,9 @@ def main():
         "keep_freed_memory": args.keep_freed_memory and keep_freed_memory(),
     }
     results.update(bench_kernel(device, repeats=args.repeats, sizes=sizes))
-    # further sections (KV-cache speed-up, training tokens/s) merge their dicts here
+    results.update(bench_kv_cache(device))
+    results.update(bench_training(device))
+    results.update(pipeline_peak_memory(args.run))
 
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -1,6 +1,7 @@
 """
 What every stage needs and nothing more: the device, seeds, checkpoint I/O, JSON-lines logs,
-padded batches with a completion-only loss mask, and errors a user can cause.
+padded batches with a completion-only loss mask, errors a user can cause, and data parallelism
+under torchrun.
 
 Checkpoint contract (other tools read it): a dict of plain tensors and plain Python values,
     {"model": state_dict, "config": GPTConfig as dict, "stage": str, "args": dict,
@@ -9,6 +10,7 @@ written atomically (temp file in the same folder, then os.replace) and read only
 torch.load(..., weights_only=True), so a checkpoint can never run code on load.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -17,6 +19,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from model import GPT, GPTConfig
 
@@ -32,6 +35,9 @@ def run(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def pick_device(name="auto"):
@@ -39,6 +45,8 @@ def pick_device(name="auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available")
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per torchrun process
     return torch.device(name)
 
 
@@ -57,9 +65,18 @@ def setup(args, presets, stage):
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     device = pick_device(args.device)
-    seed_all(args.seed)
+    init_distributed(device)
+    seed_all(args.seed)  # the same on every rank: models start identical, batches are drawn alike
     log = args.log or os.path.join(os.path.dirname(os.path.abspath(args.out)), f"{stage}.jsonl")
     return device, log
+
+
+def autocast(device):
+    """bf16 autocast for training forwards on CUDA (the gpu preset's speed); fp32 on CPU, where
+    bf16 matmuls are slower and the CPU results in the README are measured."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def seed_all(seed):
@@ -69,7 +86,10 @@ def seed_all(seed):
 
 
 def save_checkpoint(path, ckpt):
-    """Write atomically: a crash mid-write leaves the old file (if any) untouched."""
+    """Write atomically: a crash mid-write leaves the old file (if any) untouched.
+    Under torchrun only rank 0 writes (every rank holds the same weights)."""
+    if not is_main():
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
@@ -105,7 +125,17 @@ def build_model(ckpt, device):
     return model.to(device)
 
 
+def peak_memory_mib(device):
+    """This process's peak resident memory (Linux reports KiB), or the peak CUDA allocation."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def make_checkpoint(model, tokenizer_dict, stage, args, metrics, **extra):
+    if stage != "resume":
+        metrics = dict(metrics, peak_mem_mib=peak_memory_mib(next(model.parameters()).device))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return dict(model=state, config=model.config.to_dict(), stage=stage, args=dict(vars(args)),
                 metrics=metrics, tokenizer=tokenizer_dict, **extra)
@@ -117,6 +147,8 @@ def item(x):
 
 
 def append_jsonl(path, record):
+    if not is_main():
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(dict(time=round(time.time(), 3), **record)) + "\n")
@@ -208,5 +240,90 @@ def teacher_path_for(args_teacher, student_path):
 
 def clear_resume(args):
     path = args.out + ".resume.pt"
-    if os.path.exists(path):
+    if is_main() and os.path.exists(path):
         os.remove(path)
+
+
+# ----------------------------------------------------------------------------- torchrun
+# `torchrun --nproc_per_node=N script.py ...` starts N copies of a script with RANK, WORLD_SIZE
+# and LOCAL_RANK set. Data parallelism, as DDP does it, written out: every rank draws the same
+# global batch from the same seeded stream and keeps its own slice (shard), gradients are
+# averaged over ranks after backward (sync_grads), and quantities that must be global (expert
+# loads, token counts, rewards for logs) are summed over ranks (all_reduce). Only rank 0 writes
+# checkpoints and logs. We average gradients by hand instead of wrapping the model in
+# DistributedDataParallel because the stages call submodules outside the model's forward
+# (Stage I runs each MoE layer on the teacher's inputs), which DDP's hooks do not expect.
+# Without torchrun every function below is the identity and the single-process path is
+# exactly what it was.
+
+def init_distributed(device):
+    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend)
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # one report, from rank 0; errors still reach stderr
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main():
+    return rank() == 0
+
+
+def shard(items):
+    """This rank's contiguous slice of a list that every rank holds in full."""
+    n, w, r = len(items), world(), rank()
+    return items[r * n // w:(r + 1) * n // w]
+
+
+def all_reduce(t):
+    """Sum of a tensor over ranks (in place; returned for convenience)."""
+    if world() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def global_weight(n_local, device):
+    """Factor that turns this rank's mean over its n_local tokens into its share of the mean
+    over the global batch's tokens, once gradients are averaged over ranks: n_local * W / n."""
+    if world() == 1:
+        return 1.0
+    n = all_reduce(torch.tensor(float(n_local), device=device))
+    return n_local * world() / float(n)
+
+
+def sync_grads(model):
+    """Average gradients over ranks in one all-reduce. A parameter without a gradient on this
+    rank (an MoE expert none of its tokens chose) contributes zeros, so every rank takes the
+    same optimizer step."""
+    if world() == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    flat /= world()
+    at = 0
+    for p in params:
+        p.grad.copy_(flat[at:at + p.numel()].view_as(p))
+        at += p.numel()
+
+
+def gather_lists(xs):
+    """Concatenate a per-rank Python list over ranks, in rank order."""
+    if world() == 1:
+        return xs
+    out = [None] * world()
+    dist.all_gather_object(out, xs)
+    return [x for part in out for x in part]

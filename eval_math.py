@@ -1330,10 +1330,12 @@ def evaluate(model, enc, records, device, batch_size=100, max_new_tokens=None, d
     load = torch.zeros(cfg.n_layer, cfg.n_expert, dtype=torch.float64)
     heat = {s: torch.zeros(cfg.n_expert, dtype=torch.float64) for s in SUBDOMAINS}
     ent_sum, ent_n = 0.0, 0
-    order = sorted(range(len(records)), key=lambda i: len(records[i]["question"]))
+    # under torchrun each rank grades every world-th problem (of the length-sorted order, so the
+    # ranks' batches cost about the same) and the results are gathered below
+    order = sorted(range(len(records)), key=lambda i: len(records[i]["question"]))[common.rank()::common.world()]
     correct = [False] * len(records)
     preds = [None] * len(records)
-    for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+    for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=not common.is_main()):
         ids = order[b:b + batch_size]
         prompts = [encode_prompt(enc, records[i]["question"]) for i in ids]
         outs = model.generate(prompts, max_new, temperature=0, eos_id=eos)
@@ -1361,6 +1363,13 @@ def evaluate(model, enc, records, device, batch_size=100, max_new_tokens=None, d
                 ent_sum += float(-(p * p.clamp(min=1e-12).log()).sum(-1).sum())
                 ent_n += p.size(0)
     model.train(was_training)
+    for i, c, p in common.gather_lists([(i, correct[i], preds[i]) for i in order]):
+        correct[i], preds[i] = c, p
+    if moe and common.world() > 1:
+        load = common.all_reduce(load.to(device)).cpu()
+        heat = {s: common.all_reduce(h.to(device)).cpu() for s, h in heat.items()}
+        ent = common.all_reduce(torch.tensor([ent_sum, ent_n], dtype=torch.float64, device=device))
+        ent_sum, ent_n = float(ent[0]), int(ent[1])
     subs = sorted({r.get("subdomain") or classify_subdomain(r["question"]) for r in records},
                   key=lambda s: SUBDOMAINS.index(s) if s in SUBDOMAINS else 99)
     per = {}

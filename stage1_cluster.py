@@ -47,6 +47,10 @@ little information at this scale.
 
     python stage1_cluster.py --in out/default/teacher.pt --out out/default/stage1.pt
     python stage1_cluster.py --init random_subsets --out out/abl/stage1_rs.pt   # baseline
+    torchrun --standalone --nproc_per_node=2 stage1_cluster.py --in out/default/teacher.pt --out out/default/stage1.pt
+
+Under torchrun every rank records and clusters the same sample (deterministic, so the clusters
+agree without a broadcast) and the warmup batch is split over ranks, gradients averaged.
 """
 
 import argparse
@@ -64,8 +68,9 @@ import eval_math
 from model import GPT, GPTConfig, count_params
 
 PRESETS = {
-    "tiny": dict(n_record=96, steps=20, batch_size=16, router_steps=100, n_test=70, n_val=100),
-    "default": dict(n_record=400, steps=40, batch_size=32, router_steps=300, n_test=700, n_val=300),
+    "tiny": dict(n_expert=8, top_k=2, n_record=96, steps=20, batch_size=16, router_steps=100, n_test=70, n_val=100),
+    "default": dict(n_expert=8, top_k=2, n_record=400, steps=40, batch_size=32, router_steps=300, n_test=700, n_val=300),
+    "gpu": dict(n_expert=16, top_k=2, n_record=800, steps=200, batch_size=64, router_steps=300, n_test=700, n_val=300),
 }
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,8 +78,8 @@ parser.add_argument("--in", dest="inp", default="out/default/teacher.pt", help="
 parser.add_argument("--out", default="out/default/stage1.pt", help="where to write the student checkpoint")
 parser.add_argument("--init", choices=["cluster", "random_subsets", "random"], default="cluster",
                     help="how experts and router start (cluster = PADD; the others are baselines)")
-parser.add_argument("--n-expert", type=int, default=8, help="E, experts per layer")
-parser.add_argument("--top-k", type=int, default=2, help="k, experts per token (expert hidden = 4d/k)")
+parser.add_argument("--n-expert", type=int, help="E, experts per layer (preset if unset: 8; gpu 16)")
+parser.add_argument("--top-k", type=int, help="k, experts per token, expert hidden = 4d/k (preset if unset: 2)")
 parser.add_argument("--preset", choices=PRESETS, default="default", help="budget preset")
 parser.add_argument("--steps", type=int, help="warmup steps (preset if unset)")
 parser.add_argument("--batch-size", type=int, help="warmup batch (preset if unset)")
@@ -221,7 +226,7 @@ def teacher_paths(teacher, idx, clusters):
         teacher.set_record(True)
         logits, _ = teacher(idx)
         teacher.set_record(False)
-        paths = [teacher_path(f.rec_act.reshape(-1, f.rec_act.size(-1)), c.to(idx.device), E)
+        paths = [teacher_path(f.rec_act.reshape(-1, f.rec_act.size(-1)).float(), c.to(idx.device), E)
                  for f, c in zip(teacher.ffns, clusters)]
         ios = [(f.rec_in.reshape(-1, f.rec_in.size(-1)), f.rec_out.reshape(-1, f.rec_out.size(-1)))
                for f in teacher.ffns]
@@ -323,22 +328,24 @@ def main():
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     start, _ = common.maybe_resume(args, student, opt)
     clusters_dev = [c.to(device) for c in clusters]
-    pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="stage1 warmup")
+    pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="stage1 warmup", disable=not common.is_main())
     for step in pbar:
         rng = random.Random(args.seed * 1_000_003 + step)
-        batch = [train[rng.randrange(len(train))] for _ in range(args.batch_size)]
+        batch = common.shard([train[rng.randrange(len(train))] for _ in range(args.batch_size)])
         idx, targets, valid = common.pad_batch(*zip(*[data.encode_example(enc, ex) for ex in batch]), device)
-        _, p_t, ios = teacher_paths(teacher, idx, clusters_dev)
-        _, lm = student(idx, targets)
-        valid = valid.flatten()
-        recon, route = 0.0, 0.0
-        for ffn, p, (x_t, y_t) in zip(student.ffns, p_t, ios):
-            y_s = ffn(x_t[valid])
-            recon = recon + ((y_s - y_t[valid]) ** 2).sum() / (y_t[valid] ** 2).sum()
-            route = route - (p[valid] * ffn.router_probs.clamp(min=1e-9).log()).sum(-1).mean()
+        with common.autocast(device):
+            _, p_t, ios = teacher_paths(teacher, idx, clusters_dev)
+            _, lm = student(idx, targets)
+            valid = valid.flatten()
+            recon, route = 0.0, 0.0
+            for ffn, p, (x_t, y_t) in zip(student.ffns, p_t, ios):
+                y_s = ffn(x_t[valid]).float()
+                recon = recon + ((y_s - y_t[valid].float()) ** 2).sum() / (y_t[valid].float() ** 2).sum()
+                route = route - (p[valid] * ffn.router_probs.clamp(min=1e-9).log()).sum(-1).mean()
         loss = lm + args.w_recon * recon + args.w_router * route
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        common.sync_grads(student)
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         pbar.set_postfix(lm=f"{lm.item():.3f}", recon=f"{common.item(recon):.3f}", route=f"{common.item(route):.3f}")

@@ -31,6 +31,12 @@ Deviations: the paper's teachers score long chain-of-thought samples; ours are ~
 The student is trained on all its parameters (the paper does not freeze anything either).
 
     python stage2_distill.py --in out/default/stage1.pt --out out/default/stage2.pt
+    torchrun --standalone --nproc_per_node=2 stage2_distill.py --in out/default/stage1.pt --out out/default/stage2.pt
+
+Under torchrun the batch's rows (and which of them are on-policy) are drawn alike on every rank
+and split over ranks; each rank samples its own on-policy rows; the token loss is weighted to a
+mean over the global batch and gradients are averaged. The held-out KL that drives lambda is
+computed identically on every rank.
 """
 
 import argparse
@@ -49,6 +55,7 @@ from stage1_cluster import teacher_paths
 PRESETS = {
     "tiny": dict(steps=16, batch_size=16, eval_every=8, n_val=60, n_test=70),
     "default": dict(steps=150, batch_size=32, eval_every=25, n_val=200, n_test=700),
+    "gpu": dict(steps=600, batch_size=64, eval_every=100, n_val=300, n_test=700),
 }
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,7 +134,7 @@ def main():
     kl0 = kl_curve[0][1]
     lam = adaptive_lambda(kl_curve[-1][1], kl0, args.lam_max) if start else 0.0
     common.append_jsonl(log, dict(stage="stage2", step=start, heldout_kl=kl0, lam=lam))
-    pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="stage2 distill")
+    pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="stage2 distill", disable=not common.is_main())
     for step in pbar:
         rng = random.Random(args.seed * 1_000_003 + step)
         gen.manual_seed(args.seed * 1_000_003 + step)
@@ -135,6 +142,10 @@ def main():
         pairs = [data.encode_example(enc, ex) for ex in batch]
         prompts, completions = [p for p, _ in pairs], [c for _, c in pairs]
         on = [i for i in range(len(batch)) if rng.random() < lam]
+        # under torchrun: this rank's rows of the global batch (drawn alike on every rank)
+        rows = common.shard(list(range(len(batch))))
+        prompts, completions = [prompts[i] for i in rows], [completions[i] for i in rows]
+        on = [rows.index(i) for i in on if i in rows]
         if on:  # on-policy rows: the student writes its own continuation
             student.eval()
             samples = student.generate([prompts[i] for i in on], 96, temperature=1.0, eos_id=eos, generator=gen)
@@ -142,18 +153,21 @@ def main():
             for i, s in zip(on, samples):
                 completions[i] = s if s else [eos]
         idx, targets, valid = common.pad_batch(prompts, completions, device)
-        t_logits, p_t, _ = teacher_paths(teacher, idx, clusters)
-        s_logits, _ = student(idx)
+        with common.autocast(device):
+            t_logits, p_t, _ = teacher_paths(teacher, idx, clusters)
+            s_logits, _ = student(idx)
         mask = (targets >= 0).flatten()
         V = s_logits.size(-1)
         beta = 0.0 if args.loss == "fkl" else None
         l_tok = token_kl_loss(t_logits.view(-1, V)[mask], s_logits.view(-1, V)[mask], beta).mean()
+        l_tok = l_tok * common.global_weight(int(mask.sum()), device)  # a mean over the global batch's tokens
         l_path = sum(path_kl(p[mask], f.router_probs[mask]).mean() for p, f in zip(p_t, student.ffns))
         vflat = valid.flatten()
         l_bal = sum(switch_aux_loss(f.router_probs[vflat], f.topk_idx[vflat]) for f in student.ffns)
         loss = l_tok + args.w_path * l_path + args.w_bal * l_bal
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        common.sync_grads(student)
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         pbar.set_postfix(tok=f"{l_tok.item():.4f}", path=f"{common.item(l_path):.3f}", lam=f"{lam:.2f}")

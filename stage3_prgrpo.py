@@ -41,6 +41,12 @@ Simplifications (nanochat-style, all at small scale):
 - prompts come from the training split; evaluation is greedy pass@1 on the test split.
 
     python stage3_prgrpo.py --in out/default/stage2.pt --out out/default/stage3.pt --algo prgrpo
+    torchrun --standalone --nproc_per_node=2 stage3_prgrpo.py --in out/default/stage2.pt --out out/default/stage3.pt
+
+Under torchrun the prompts of a step are split over ranks and each rank rolls out its prompts'
+G samples; a group never straddles ranks, so group-normalised advantages need no gather.
+Rewards are averaged over ranks for the log, expert loads summed (Stage IV's bias and MaxVio
+see the global batch), gradients averaged, and the test set is graded in shards.
 """
 
 import argparse
@@ -60,6 +66,7 @@ from stage2_distill import path_kl, switch_aux_loss, token_kl_loss
 PRESETS = {
     "tiny": dict(steps=4, prompts=4, group=4, n_probe=16, n_test=70, rs_every=1),
     "default": dict(steps=40, prompts=16, group=8, n_probe=64, n_test=700, rs_every=2),
+    "gpu": dict(steps=200, prompts=64, group=8, n_probe=128, n_test=700, rs_every=5),
 }
 
 
@@ -196,11 +203,15 @@ def train(args, sample_reward=None, after_rollout=None):
     g_prev = state.get("g_prev") or probe_router(student, probe_idx, probe_valid)
     shifts = state.get("shifts", [])
     rewards_curve = state.get("rewards_curve", [])
-    pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.stage} {args.algo}")
+    pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.stage} {args.algo}",
+                disable=not common.is_main())
     for step in pbar:
         rng = random.Random(args.seed * 1_000_003 + step)
         gen.manual_seed(args.seed * 1_000_003 + step)
-        batch = [train_set[rng.randrange(len(train_set))] for _ in range(args.prompts)]
+        # under torchrun each rank rolls out its share of the prompts; a prompt's G samples stay
+        # on one rank, so the group statistics of the advantage are exact without a gather
+        batch = common.shard([train_set[rng.randrange(len(train_set))] for _ in range(args.prompts)])
+        gen.manual_seed(args.seed * 1_000_003 + step + 7919 * common.rank())
         ro = rollout(student, enc, batch, args, gen, device)
         rewards = ro["rewards"].clone()
         if sample_reward is not None:
@@ -211,7 +222,8 @@ def train(args, sample_reward=None, after_rollout=None):
         mflat = mask.flatten()
         need_teacher = args.algo == "prgrpo" and (args.w_align > 0 or args.w_distill > 0)
         if need_teacher:
-            t_logits, p_t, _ = teacher_paths(teacher, ro["idx"], clusters)
+            with common.autocast(device):
+                t_logits, p_t, _ = teacher_paths(teacher, ro["idx"], clusters)
             t_logits = t_logits[mask]
             p_t = [p[mflat] for p in p_t]
         if ref is not None:
@@ -219,15 +231,17 @@ def train(args, sample_reward=None, after_rollout=None):
                 ref_logp = token_logprobs(ref(ro["idx"])[0], ro["targets"])
         if after_rollout is not None:
             after_rollout(student, ro)
+        tok_weight = common.global_weight(int(mask.sum()), device)  # token mean over the global batch
         stats = {}
         for _ in range(args.mu):
-            logits, _ = student(ro["idx"])
+            with common.autocast(device):
+                logits, _ = student(ro["idx"])
             logp = token_logprobs(logits, ro["targets"])
             logg = [f.router_probs[mflat].clamp(min=1e-9).log() for f in student.ffns]
             gamma = None
             if args.algo in ("rspo", "prgrpo"):
                 gamma = router_shift_weight(logg, ro["logg_old"], ro["topk_old"], args.gamma_min)
-            loss = clipped_surrogate(logp, ro["logp_old"], tok_adv, args.clip, gamma).mean()
+            loss = clipped_surrogate(logp, ro["logp_old"], tok_adv, args.clip, gamma).mean() * tok_weight
             if ref is not None:
                 d = ref_logp - logp
                 loss = loss + args.w_ref * (torch.exp(d) - d - 1).mean()
@@ -247,12 +261,14 @@ def train(args, sample_reward=None, after_rollout=None):
                 loss = loss + args.w_aux * sum(switch_aux_loss(f.router_probs[vflat], f.topk_idx[vflat]) for f in student.ffns)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            common.sync_grads(student)
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
             stats = dict(loss=loss.item(), gamma=float(gamma.mean()) if gamma is not None else 1.0)
-        acc = float(ro["correct"].mean())
+        acc, mean_reward = (float(v) / common.world() for v in
+                            common.all_reduce(torch.tensor([float(ro["correct"].mean()), float(rewards.mean())], device=device)))
         rewards_curve.append(acc)
-        rec = dict(stage=args.stage, algo=args.algo, step=step + 1, reward=float(rewards.mean()), train_acc=acc, **stats)
+        rec = dict(stage=args.stage, algo=args.algo, step=step + 1, reward=mean_reward, train_acc=acc, **stats)
         if (step + 1) % args.rs_every == 0 or step + 1 == args.steps:
             g_now = probe_router(student, probe_idx, probe_valid)
             rec["router_shift"] = router_shift(g_now, g_prev)

@@ -18,6 +18,10 @@ into the objective in one of these ways (`--balance`):
               b_e <- b_e + u * sign(mean_e load_e - load_e)
           The bias shifts which experts are *selected* (top-k of logits + b) and never enters
           the gate values or the loss, so it balances without fighting the router's learning.
+          Deviation: load_e is an exponential moving average over rollout batches (--load-ema
+          0.8, ~5 batches) rather than the last batch alone. DeepSeek-V3's batches hold
+          millions of tokens; ours hold 16 prompts, so one batch's load is mostly which
+          subdomains were drawn, and a sign update on it random-walks instead of converging.
 
 MaxVio = max_e load_e / mean_e load_e - 1 over the global batch, per layer, is logged every
 step (`max_vio_batch`, mean over layers) and measured at the end on the test generations. Load
@@ -29,6 +33,7 @@ started from the Stage III checkpoint (the same loop, fewer steps), so each stag
 ablated on its own. Every other flag is Stage III's (`--algo`, `--mu`, `--w-*`).
 
     python stage4_balance.py --in out/default/stage3.pt --out out/default/stage4.pt --balance reward_bias
+    torchrun --standalone --nproc_per_node=2 stage4_balance.py --in out/default/stage3.pt --out out/default/stage4.pt
 """
 
 import math
@@ -43,6 +48,8 @@ parser.add_argument("--balance", choices=["none", "aux", "reward", "reward_bias"
                     help="how load balance enters (see the docstring)")
 parser.add_argument("--alpha", type=float, default=0.1, help="weight of the per-sample balance reward")
 parser.add_argument("--bias-rate", type=float, default=0.01, help="u, step of the selection-bias update")
+parser.add_argument("--load-ema", type=float, default=0.8,
+                    help="the bias follows an exponential moving average of the global-batch load (0 = this batch only)")
 parser.add_argument("--aux-weight", type=float, default=0.01, help="weight of the Switch loss for --balance aux")
 
 
@@ -82,14 +89,19 @@ def main():
         # global batch, per layer, over prompt and completion tokens alike: evaluation measures
         # MaxVio on both, and balancing completions alone left the prompts' load skewed
         E = student.config.n_expert
-        ro["load"] = torch.stack([torch.bincount(k.flatten(), minlength=E) for k in ro["topk_all"]]).float().cpu()
+        # (summed over ranks under torchrun, so every rank takes the same bias step)
+        load = torch.stack([torch.bincount(k.flatten(), minlength=E) for k in ro["topk_all"]]).float()
+        ro["load"] = common.all_reduce(load).cpu()
         if args.balance in ("reward", "reward_bias"):
             return args.alpha * balance_reward(loads).cpu()
         return torch.zeros(ro["rewards"].numel())
 
+    ema = {}
+
     def after_rollout(student, ro):
         if args.balance == "reward_bias":
-            for ffn, load in zip(student.ffns, ro["load"]):
+            ema["load"] = ro["load"] if "load" not in ema else args.load_ema * ema["load"] + (1 - args.load_ema) * ro["load"]
+            for ffn, load in zip(student.ffns, ema["load"]):
                 ffn.select_bias.copy_(bias_update(ffn.select_bias, load.to(ffn.select_bias.device), args.bias_rate))
 
     train(args, sample_reward=sample_reward, after_rollout=after_rollout)

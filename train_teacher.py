@@ -25,6 +25,11 @@ competition math; ours is trained from scratch on a synthetic suite, in minutes,
 
     python train_teacher.py --out out/default/teacher.pt            # ~4 min on 2 CPU cores
     python train_teacher.py --preset tiny --out out/smoke/teacher.pt
+    torchrun --standalone --nproc_per_node=2 train_teacher.py --out out/default/teacher.pt   # 2 ranks
+
+Under torchrun every rank packs the same global batch of `--batch-size` rows and trains on its
+share of the rows; gradients are averaged over ranks (common.sync_grads), so 2 ranks take the
+same steps as 1 (tests/test_ddp.py). Only rank 0 writes the checkpoint and the log.
 """
 
 import argparse
@@ -46,6 +51,9 @@ PRESETS = {
                  n_train=4000, eval_every=30),
     "default": dict(n_layer=4, n_head=4, n_embd=128, steps=2400, batch_size=8, lr=3e-3, n_test=700,
                     n_train=20000, eval_every=400),
+    # for a GPU (bf16 autocast): 8 layers, d=512, 25M parameters; Stage I makes it E=16, k=2
+    "gpu": dict(n_layer=8, n_head=8, n_embd=512, steps=3000, batch_size=64, lr=1e-3, n_test=700,
+                n_train=20000, eval_every=500),
 }
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,6 +65,7 @@ parser.add_argument("--lr", type=float, help="peak learning rate (preset if unse
 parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                     help="pack whole examples into full rows (batch-size counts rows) instead of padding")
 parser.add_argument("--n-test", type=int, help="test problems graded at the end (preset if unset)")
+parser.add_argument("--eval-every", type=int, help="validation (and resume point) every this many steps (preset if unset)")
 common.add_run_args(parser, seed_help="seed for init, data order and the suite")
 
 
@@ -82,9 +91,10 @@ def main():
     start, _ = common.maybe_resume(args, model, opt)
 
     active, total = count_params(model)
-    print(f"teacher: {total:,} parameters, {len(train):,} training problems, device {device}")
+    print(f"teacher: {total:,} parameters, {len(train):,} training problems, device {device}"
+          + (f", {common.world()} ranks" if common.world() > 1 else ""))
     t0 = time.time()
-    pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="teacher")
+    pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="teacher", disable=not common.is_main())
     for step in pbar:
         rng = random.Random(args.seed * 1_000_003 + step)  # per-step stream: resuming replays the same batches
         if args.pack:
@@ -94,13 +104,20 @@ def main():
             batch = [train[rng.randrange(len(train))] for _ in range(args.batch_size)]
             idx, targets, _ = common.pad_batch(*zip(*[data.encode_example(enc, ex) for ex in batch]), device)
             pos = mask = None
+        # under torchrun each rank trains on its slice of the same global batch, its loss weighted
+        # so that the averaged gradient is the gradient of the global batch's mean loss
+        idx, targets, pos, mask = (common.shard(t) if t is not None else None for t in (idx, targets, pos, mask))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, warmup=max(1, args.steps // 20))
-        _, loss = model(idx, targets, pos=pos, attn_mask=mask)
+        with common.autocast(device):
+            _, loss = model(idx, targets, pos=pos, attn_mask=mask)
+        loss = loss * common.global_weight(int((targets >= 0).sum()), device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        common.sync_grads(model)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        loss = common.all_reduce(loss.detach()) / common.world()  # the global batch's mean loss
         pbar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             vl = eval_math.lm_loss(model, enc, val, device)
