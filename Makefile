@@ -10,7 +10,7 @@ SMOKE  ?= out/smoke
 PRESET ?= default
 SEED   ?= 0
 
-.PHONY: venv run pipeline smoke ddp-smoke test bench stage1-inits clean
+.PHONY: venv run pipeline smoke ddp-smoke ddp-smoke-quiet pytest test bench stage1-inits ablate ablate-quick clean
 
 .venv/.installed: requirements.txt
 	python3 -m venv .venv
@@ -40,9 +40,19 @@ smoke: venv
 ddp-smoke: venv
 	$(MAKE) --no-print-directory pipeline DIR=out/ddp-smoke PRESET=tiny LAUNCH="$(TORCHRUN)"
 
+# pytest and ddp-smoke side by side: both are mostly single-threaded start-up and tiny models,
+# so on two cores this takes about the time of the longer one
 test: venv
+	@rm -rf out/ddp-smoke && mkdir -p out
+	@$(MAKE) --no-print-directory -j2 pytest ddp-smoke-quiet
+
+pytest: venv
 	$(PY) -m pytest -q tests
-	$(MAKE) --no-print-directory ddp-smoke
+
+ddp-smoke-quiet: venv
+	@$(MAKE) --no-print-directory ddp-smoke > out/ddp-smoke.log 2>&1 \
+	  && echo "ddp-smoke: passed (log in out/ddp-smoke.log)" \
+	  || (tail -40 out/ddp-smoke.log; echo "ddp-smoke: FAILED"; exit 1)
 
 # Stage I baselines: the same warmup budget from three initialisations (needs $(RUN)/teacher.pt)
 stage1-inits: venv
@@ -50,6 +60,14 @@ stage1-inits: venv
 	  $(PY) stage1_cluster.py --preset $(PRESET) --seed $(SEED) --init $$init --in $(RUN)/teacher.pt \
 	    --out $(RUN)/inits/stage1_$$init.pt 2>/dev/null | grep "val loss" | sed "s/^/$$init: /"; \
 	done
+
+# the ablation study over seeds 0 1 2 (ablate.py): results/, RESULTS.md; --quick: tiny preset,
+# results_quick/, RESULTS_quick.md. Resumable: run it again to continue.
+ablate: venv
+	$(PY) ablate.py
+
+ablate-quick: venv
+	$(PY) ablate.py --quick
 
 bench: venv
 	$(PY) bench.py --json out/bench.json

@@ -233,6 +233,12 @@ def maybe_resume(args, model, opt):
     return state["step"], state
 
 
+def data_seed(teacher_ckpt):
+    """The seed of the suite's splits the teacher was trained on; every later stage uses it."""
+    args = teacher_ckpt["args"]
+    return args.get("data_seed", args.get("seed", 0))  # checkpoints from before --data-seed
+
+
 def teacher_path_for(args_teacher, student_path):
     """The teacher a stage compares against: --teacher, else teacher.pt beside the student."""
     return args_teacher or os.path.join(os.path.dirname(os.path.abspath(student_path)), "teacher.pt")

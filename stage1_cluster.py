@@ -303,7 +303,7 @@ def main():
         raise common.UserError(f"--top-k {args.top_k} does not divide the teacher's FFN hidden size")
     enc = data.tokenizer_from_dict(tckpt["tokenizer"])
     teacher = common.build_model(tckpt, device).eval()
-    splits = data.build_splits(seed=tckpt["args"].get("seed", 0))
+    splits = data.build_splits(seed=common.data_seed(tckpt))
     train, val = list(splits["train"]), list(splits["validation"])[:args.n_val]
     test = list(splits["test"])[:args.n_test]
     t0 = time.time()
@@ -362,7 +362,7 @@ def main():
                    val_loss_at_init=val_loss0, teacher_val_loss=eval_math.lm_loss(teacher, enc, val, device),
                    teacher_acc=tckpt["metrics"].get("acc"), kl_to_teacher=eval_math.kl_to_teacher(student, teacher, enc, val, device),
                    expert_diversity=div, routing_entropy=res["routing_entropy"], max_vio=res["max_vio"],
-                   max_vio_per_layer=res["max_vio_per_layer"], heatmap=res["heatmap"], teacher_heatmap=teacher_heat,
+                   max_vio_per_layer=res["max_vio_per_layer"], expert_load=res["load"], heatmap=res["heatmap"], teacher_heatmap=teacher_heat,
                    active_params=active, total_params=total, seconds=round(time.time() - t0, 1))
     common.append_jsonl(log, dict(stage="stage1", init=args.init, step=args.steps,
                                   **{k: v for k, v in metrics.items() if "heatmap" not in k}))

@@ -122,7 +122,7 @@ def main():
     eos = data.eos_id(enc)
     student, teacher = common.build_model(sckpt, device), common.build_model(tckpt, device).eval()
     clusters = [c.to(device) for c in sckpt["clusters"]]
-    splits = data.build_splits(seed=tckpt["args"].get("seed", 0))
+    splits = data.build_splits(seed=common.data_seed(tckpt))
     train, val = list(splits["train"]), list(splits["validation"])[:args.n_val]
     test = list(splits["test"])[:args.n_test]
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -188,7 +188,7 @@ def main():
     active, total = count_params(student)
     metrics = dict(acc=res["acc"], per_subdomain=res["per_subdomain"], kl_to_teacher=kl_curve[-1][1],
                    heldout_kl_curve=kl_curve, final_lambda=lam, routing_entropy=res["routing_entropy"],
-                   max_vio=res["max_vio"], max_vio_per_layer=res["max_vio_per_layer"], heatmap=res["heatmap"],
+                   max_vio=res["max_vio"], max_vio_per_layer=res["max_vio_per_layer"], expert_load=res["load"], heatmap=res["heatmap"],
                    active_params=active, total_params=total, seconds=round(time.time() - t0, 1))
     common.append_jsonl(log, dict(stage="stage2", step=args.steps, **{k: v for k, v in metrics.items() if k != "heatmap"}))
     common.save_checkpoint(args.out, common.make_checkpoint(student, sckpt["tokenizer"], "stage2", args, metrics, clusters=sckpt["clusters"]))

@@ -1,7 +1,8 @@
 """
 Stage III: path-refined policy optimisation (PR-GRPO) of the MoE student.
 
-GRPO with a verifiable reward. Each step takes P training prompts and samples G continuations
+GRPO with a verifiable reward. Each step takes P training prompts (subdomain first, then a
+problem: data.subdomain_sampler, the test split's mix) and samples G continuations
 of each from the current student (temperature 1, KV cache). The reward of sample i is
 
     r_i = 1[is_equiv(extract_answer(text_i), gold)]            (eval_math: the grader IS the reward)
@@ -190,8 +191,8 @@ def train(args, sample_reward=None, after_rollout=None):
     teacher = common.build_model(tckpt, device).eval()
     ref = common.build_model(sckpt, device).eval() if args.w_ref > 0 else None
     clusters = [c.to(device) for c in sckpt["clusters"]]
-    splits = data.build_splits(seed=tckpt["args"].get("seed", 0))
-    train_set = list(splits["train"])
+    splits = data.build_splits(seed=common.data_seed(tckpt))
+    sample = data.subdomain_sampler(list(splits["train"]))
     test = list(splits["test"])[:args.n_test]
     probe = [data.encode_example(enc, ex) for ex in list(splits["validation"])[:args.n_probe]]
     probe_idx, _, probe_valid = common.pad_batch(*zip(*probe), device)
@@ -210,7 +211,7 @@ def train(args, sample_reward=None, after_rollout=None):
         gen.manual_seed(args.seed * 1_000_003 + step)
         # under torchrun each rank rolls out its share of the prompts; a prompt's G samples stay
         # on one rank, so the group statistics of the advantage are exact without a gather
-        batch = common.shard([train_set[rng.randrange(len(train_set))] for _ in range(args.prompts)])
+        batch = common.shard([sample(rng) for _ in range(args.prompts)])
         gen.manual_seed(args.seed * 1_000_003 + step + 7919 * common.rank())
         ro = rollout(student, enc, batch, args, gen, device)
         rewards = ro["rewards"].clone()
@@ -287,7 +288,7 @@ def train(args, sample_reward=None, after_rollout=None):
     last = [s for u, s in shifts if u > 2 * args.steps / 3] or [s for _, s in shifts]
     metrics = dict(acc=res["acc"], per_subdomain=res["per_subdomain"], algo=args.algo,
                    kl_to_teacher=eval_math.kl_to_teacher(student, teacher, enc, list(splits["validation"])[:200], device),
-                   routing_entropy=res["routing_entropy"], max_vio=res["max_vio"], max_vio_per_layer=res["max_vio_per_layer"],
+                   routing_entropy=res["routing_entropy"], max_vio=res["max_vio"], max_vio_per_layer=res["max_vio_per_layer"], expert_load=res["load"],
                    heatmap=res["heatmap"], router_shift=sum(last) / max(1, len(last)), router_shift_curve=shifts,
                    train_acc_curve=rewards_curve, active_params=active, total_params=total,
                    seconds=round(time.time() - t0, 1))

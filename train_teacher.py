@@ -66,7 +66,9 @@ parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=Tru
                     help="pack whole examples into full rows (batch-size counts rows) instead of padding")
 parser.add_argument("--n-test", type=int, help="test problems graded at the end (preset if unset)")
 parser.add_argument("--eval-every", type=int, help="validation (and resume point) every this many steps (preset if unset)")
-common.add_run_args(parser, seed_help="seed for init, data order and the suite")
+parser.add_argument("--data-seed", type=int, default=0,
+                    help="seed of the suite's splits; later stages use the teacher's (keep it fixed across --seed)")
+common.add_run_args(parser, seed_help="seed for the init and the order of training batches")
 
 
 def lr_at(step, steps, peak, warmup):
@@ -81,7 +83,8 @@ def main():
     device, log = common.setup(args, PRESETS, "teacher")
 
     enc = data.get_tokenizer()
-    splits = data.build_splits(n_train=max(args.n_train, 20000), seed=args.seed)  # same test set for every n_train
+    # the same test set for every n_train and every --seed: seeds vary the training, not the exam
+    splits = data.build_splits(n_train=max(args.n_train, 20000), seed=args.data_seed)
     train, val = list(splits["train"])[:args.n_train], list(splits["validation"])
     test = list(splits["test"])[:args.n_test]
     config = GPTConfig(vocab_size=data.vocab_size_padded(enc), n_layer=args.n_layer,

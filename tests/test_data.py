@@ -69,6 +69,21 @@ def test_splits_deterministic(splits):
     assert splits["train"]["question"] != different["train"]["question"]
 
 
+def test_split_cache_gives_the_drawn_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CACHE_DIR", str(tmp_path))
+    args = dict(n_train=300, n_val=50, n_test=50, seed=3)
+    drawn = data._draw_splits(**args)
+    first = data.build_splits(**args)  # draws and writes the cache
+    [path] = tmp_path.iterdir()
+    second = data.build_splits(**args)  # reads it
+    path.write_text("{ truncated")
+    third = data.build_splits(**args)  # an unreadable cache is drawn again
+    for s in data.SPLITS:
+        assert first[s].to_list() == second[s].to_list() == third[s].to_list() == drawn[s]
+    data.build_splits(**dict(args, seed=4))
+    assert len(list(tmp_path.iterdir())) == 2  # the key includes the arguments
+
+
 def test_every_cell_in_train_and_eval_balanced(splits):
     cells = {(s, l) for s in data.SUBDOMAINS for l in data.LEVELS}
     assert set(zip(splits["train"]["subdomain"], splits["train"]["level"])) == cells
@@ -298,3 +313,16 @@ def test_max_length(enc):
         lens.append(len(prompt) + len(completion))
     assert max(lens) <= 128
     assert sum(lens) / len(lens) < 80
+
+
+def test_subdomain_sampler_balances_an_unbalanced_split(splits):
+    # like the default training split, where precalculus fills the quota of small subdomains
+    train = [r for i, r in enumerate(splits["train"]) if r["subdomain"] == "precalculus" or i % 10 == 0]
+    assert sum(r["subdomain"] == "precalculus" for r in train) > len(train) / 2
+    draw = data.subdomain_sampler(train)
+    rng = random.Random(0)
+    got = [draw(rng)["subdomain"] for _ in range(7000)]
+    for s in data.SUBDOMAINS:
+        assert abs(got.count(s) / 7000 - 1 / 7) < 0.02, s
+    rng_a, rng_b = random.Random(5), random.Random(5)
+    assert [draw(rng_a)["question"] for _ in range(20)] == [draw(rng_b)["question"] for _ in range(20)]

@@ -115,7 +115,7 @@ def test_same_seed_same_numbers(smoke, tmp_path):
             "--out", str(out), "--log", str(tmp_path / f"{name}.jsonl"), "--device", "cpu")
         runs.append(load(out))
     a, b = runs
-    drop = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # wall time differs
+    drop = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "peak_mem_mib")}  # machine state
     assert drop(a["metrics"]) == drop(b["metrics"])
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k

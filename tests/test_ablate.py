@@ -1,0 +1,234 @@
+"""The ablation runner's pure pieces, against hand computations: no training, no subprocesses."""
+
+import json
+import math
+import os
+import threading
+import time
+
+import pytest
+
+import ablate
+import common
+from ablate import (NODES, VARIANTS, ancestors, build_summary, busy_wall, ckpt, claims, command, inputs,
+                    last_third, mean_ci95, schedule, shift_band, study_time)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+def test_every_variant_and_input_is_a_node_and_nodes_are_topologically_ordered():
+    order = list(NODES)
+    for node in NODES:
+        for i in inputs(node):
+            assert order.index(i) < order.index(node)
+    assert all(final in NODES for final, _ in VARIANTS.values())
+    # the full study is every node: nothing in the DAG is unused
+    assert ancestors(list(VARIANTS)) == order
+
+
+def test_ancestor_closure_by_hand():
+    assert ancestors(["kd_only"]) == ["teacher", "s1_cluster", "s2"]
+    assert ancestors(["upcycle_grpo"]) == ["teacher", "s1_random_subsets", "s3_grpo_upcycle"]
+    assert ancestors(["padd"]) == ["teacher", "s1_cluster", "s2", "s3_prgrpo", "s4"]
+    assert ancestors(["no_stage2", "kd_only"]) == ["teacher", "s1_cluster", "s2", "s3_prgrpo_nos2", "s4_nos2"]
+    assert ancestors(["no_stage1"]) == ["teacher", "s1_random", "s2_random", "s3_prgrpo_random", "s4_random"]
+
+
+def test_command_passes_the_seeds_teacher_explicitly():
+    cmd = command("s4_nos2", 1, "tiny", "o")
+    assert cmd == ["stage4_balance.py", "--preset", "tiny", "--seed", "1", "--in", os.path.join("o", "seed1", "s3_prgrpo_nos2.pt"),
+                   "--teacher", os.path.join("o", "seed1", "teacher.pt"), "--out", os.path.join("o", "seed1", "s4_nos2.pt")]
+    assert command("teacher", 0, "tiny", "o") == ["train_teacher.py", "--preset", "tiny", "--seed", "0",
+                                                  "--out", os.path.join("o", "seed0", "teacher.pt")]
+    s1 = command("s1_random", 0, "default", "o")
+    assert "--teacher" not in s1 and s1[-2:] == ["--init", "random"]
+    assert command("s3_grpo", 2, "tiny", "o")[-2:] == ["--algo", "grpo"]
+
+
+# ----------------------------------------------------------------------------- the scheduler
+
+def fake_runner(out, calls, seconds=0.0, fail=()):
+    """Stands in for a subprocess: records the call, checks the inputs exist, writes the output."""
+    lock = threading.Lock()
+
+    def run(node, seed):
+        assert all(os.path.exists(ckpt(out, seed, i)) for i in inputs(node)), f"{node} started before its inputs"
+        with lock:
+            calls.append((node, seed))
+        time.sleep(seconds)
+        if node in fail:
+            return 1
+        os.makedirs(os.path.dirname(ckpt(out, seed, node)), exist_ok=True)
+        open(ckpt(out, seed, node), "w").close()
+        return 0
+    return run
+
+
+def test_schedule_runs_each_missing_node_once_after_its_inputs(tmp_path):
+    out, calls = str(tmp_path), []
+    nodes = ancestors(["padd", "vanilla_grpo"])
+    assert schedule(nodes, [0, 1], out, fake_runner(out, calls), jobs=2) == []
+    assert sorted(calls) == sorted((n, s) for n in nodes for s in (0, 1))
+    for s in (0, 1):
+        seq = [n for n, t in calls if t == s]
+        assert seq.index("teacher") < seq.index("s1_cluster") < seq.index("s2") < seq.index("s3_prgrpo") < seq.index("s4")
+
+
+def test_schedule_skips_nodes_whose_checkpoint_exists(tmp_path):
+    out, calls = str(tmp_path), []
+    for node in ("teacher", "s1_cluster"):
+        os.makedirs(os.path.join(out, "seed0"), exist_ok=True)
+        open(ckpt(out, 0, node), "w").close()
+    schedule(ancestors(["kd_only"]), [0], out, fake_runner(out, calls), jobs=1)
+    assert calls == [("s2", 0)]
+    calls.clear()
+    schedule(ancestors(["kd_only"]), [0], out, fake_runner(out, calls), jobs=1)
+    assert calls == []  # everything exists: a rerun runs nothing
+
+
+def test_schedule_runs_two_at_once(tmp_path):
+    out, calls, done = str(tmp_path), [], []
+    t0 = time.time()
+    schedule(["teacher"], [0, 1, 2, 3], out, fake_runner(out, calls, seconds=0.2), jobs=2,
+             on_done=lambda n, s, rc, sec: done.append((n, s, rc, sec)))
+    # 4 independent nodes of 0.2 s on 2 workers: 0.4 s, not 0.8
+    assert time.time() - t0 < 0.7
+    assert sorted(s for _, s, _, _ in done) == [0, 1, 2, 3]
+    assert all(rc == 0 and sec >= 0.2 for _, _, rc, sec in done)
+
+
+def test_schedule_stops_after_a_failure(tmp_path):
+    out, calls = str(tmp_path), []
+    failed = schedule(ancestors(["padd"]), [0], out, fake_runner(out, calls, fail={"s2"}), jobs=1)
+    assert failed == [("s2", 0, 1)]
+    assert calls == [("teacher", 0), ("s1_cluster", 0), ("s2", 0)]  # nothing after the failure
+    # s1_random_subsets is ready when s1_cluster fails, and still does not start
+    out, calls = str(tmp_path / "b"), []
+    failed = schedule(ancestors(["kd_only", "upcycle_grpo"]), [0], out, fake_runner(out, calls, fail={"s1_cluster"}), jobs=1)
+    assert failed == [("s1_cluster", 0, 1)] and calls == [("teacher", 0), ("s1_cluster", 0)]
+
+
+def test_log_tail_collapses_progress_bars(tmp_path):
+    p = tmp_path / "x.log"
+    p.write_text("a\nstep 1\rstep 2\rstep 3\r   \r\n\nTraceback\nValueError: boom\n")
+    assert ablate.log_tail(str(p), n=4) == "a\nstep 3\nTraceback\nValueError: boom"
+
+
+# ----------------------------------------------------------------------------- the numbers
+
+def test_mean_ci95_by_hand():
+    m, h = mean_ci95([1.0, 2.0, 3.0])
+    assert m == 2.0 and h == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    m, h = mean_ci95([0.5])
+    assert m == 0.5 and h == 0.0
+    # 12 values: 11 degrees of freedom is past the table, 1.96
+    xs = [0.0, 1.0] * 6
+    sd = math.sqrt(sum((x - 0.5) ** 2 for x in xs) / 11)
+    assert mean_ci95(xs)[1] == pytest.approx(1.96 * sd / math.sqrt(12))
+    assert mean_ci95([2.0, 4.0])[1] == pytest.approx(12.706 * math.sqrt(2) / math.sqrt(2))
+
+
+def test_shift_band_and_last_third():
+    band = shift_band([[[1, 0.1], [2, 0.2], [3, 0.3]], [[1, 0.3], [2, 0.2]]])
+    assert band["steps"] == [1, 2]  # steps every seed logged
+    assert band["mean"] == pytest.approx([0.2, 0.2])
+    assert band["ci95"] == pytest.approx([12.706 * math.sqrt(0.02) / math.sqrt(2), 0.0])
+    assert last_third([2, 4, 6, 8, 10, 12], [1, 2, 3, 4, 5, 6]) == [5, 6]  # steps > 8
+    assert last_third([1], [7]) == [7]
+
+
+def test_busy_wall_and_study_time(tmp_path):
+    assert busy_wall([(0, 10), (5, 12), (20, 25)]) == 17  # overlap counted once, the pause not at all
+    assert busy_wall([(0, 10), (2, 3)]) == 10
+    p = tmp_path / "ablate.jsonl"
+    recs = [dict(time=110, node="teacher", seed=0, seconds=10, returncode=0),
+            dict(time=120, node="s1_cluster", seed=0, seconds=5, returncode=1),   # failed, then rerun
+            dict(time=130, node="s1_cluster", seed=0, seconds=8, returncode=0)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    total, wall, untimed = study_time(str(p), [("teacher", 0), ("s1_cluster", 0), ("s2", 0)])
+    assert total == 18 and wall == 18 and untimed == [("s2", 0)]
+
+
+def fake_metrics(seeds, acc):
+    """{(node, seed): metrics} for every node, as the stage scripts write them; acc(node, seed)."""
+    subs = ["algebra", "geometry"]
+    ms = {}
+    for s in seeds:
+        for node in NODES:
+            a = acc(node, s)
+            m = dict(acc=a, per_subdomain={"algebra": a + 0.1, "geometry": a - 0.1}, active_params=100,
+                     total_params=100 if node == "teacher" else 300)
+            if node != "teacher":
+                m.update(max_vio=0.05 * (s + 1), expert_load=[[1, 2, 3, 2], [2, 2, 2, 2]], max_vio_per_layer=[0.5, 0.0],
+                         heatmap={x: [0.25] * 4 for x in subs})
+            if node == "s1_cluster":
+                m["teacher_heatmap"] = {x: [0.1, 0.2, 0.3, 0.4] for x in subs}
+            if node.startswith("s3_"):
+                scale = {"s3_grpo": 3.0, "s3_rspo": 2.0}.get(node, 1.0)
+                m["router_shift_curve"] = [[u, scale * (u + s)] for u in range(1, 7)]
+            ms[node, s] = m
+    return ms
+
+
+def test_build_summary_shape_and_values():
+    ms = fake_metrics([0, 1, 2], lambda n, s: 0.3 + 0.1 * s if n == "s4" else 0.2)
+    summ = build_summary(ms, [0, 1, 2], "tiny", "abc")
+    assert set(summ) == {"seeds", "preset", "commit", "teacher", "variants", "router_shift"}
+    assert set(summ["teacher"]) == {"acc", "acc_per_seed", "active_params", "total_params"}
+    assert list(summ["variants"]) == list(VARIANTS)
+    for v in summ["variants"].values():
+        assert set(v) == {"acc", "acc_per_seed", "per_subdomain", "max_vio", "active_params", "total_params"}
+    assert set(summ["router_shift"]) == {"grpo", "rspo", "prgrpo"}
+    for r in summ["router_shift"].values():
+        assert set(r) == {"steps", "mean", "ci95"}
+    padd = summ["variants"]["padd"]
+    assert padd["acc"] == pytest.approx(0.4) and padd["acc_per_seed"] == pytest.approx([0.3, 0.4, 0.5])
+    assert padd["per_subdomain"] == pytest.approx({"algebra": 0.5, "geometry": 0.3})
+    assert padd["max_vio"] == pytest.approx(0.1)  # mean of 0.05, 0.1, 0.15
+    assert padd["total_params"] == 300 and summ["teacher"]["acc"] == pytest.approx(0.2)
+    g = summ["router_shift"]["grpo"]
+    assert g["steps"] == [1, 2, 3, 4, 5, 6]
+    assert g["mean"][0] == pytest.approx(3.0 * 2)  # 3 * (1 + mean seed 1)
+    assert g["ci95"][0] == pytest.approx(4.303 * 3.0 / math.sqrt(3))  # sd of 3*{1,2,3} is 3
+    json.dumps(summ)  # plain JSON
+
+
+def test_build_summary_leaves_out_incomplete_variants():
+    ms = fake_metrics([0, 1], lambda n, s: 0.2)
+    del ms["s4", 1]
+    summ = build_summary(ms, [0, 1], "tiny", "abc", variants=["padd", "kd_only"])
+    assert list(summ["variants"]) == ["kd_only"]
+    del ms["teacher", 0]
+    with pytest.raises(common.UserError):
+        build_summary(ms, [0, 1], "tiny", "abc")
+
+
+def test_build_summary_names_a_missing_metric():
+    ms = fake_metrics([0], lambda n, s: 0.2)
+    del ms["s2", 0]["max_vio"]
+    with pytest.raises(common.UserError, match="s2.*max_vio"):
+        build_summary(ms, [0], "tiny", "abc", variants=["kd_only"])
+
+
+def test_claims_from_the_numbers():
+    ms = fake_metrics([0, 1, 2], lambda n, s: {"s4": 0.30, "teacher": 0.26, "s2": 0.31}.get(n, 0.2))
+    verdicts = {t: (v, x) for t, v, x in claims(build_summary(ms, [0, 1, 2], "tiny", "abc"), wall_seconds=1800)}
+    assert verdicts["PADD >= teacher + 3 points"][0] == "holds"  # +4 points
+    v, x = verdicts["PADD above every baseline and ablation"]
+    assert v == "does not hold" and "kd_only" in x and "rspo" not in x
+    assert verdicts["router shift over the last third: PR-GRPO < RSPO < GRPO"][0] == "holds"
+    assert verdicts["PADD MaxVio <= 0.2"][0] == "holds"  # 0.1
+    assert verdicts["study wall time <= 60 min"][0] == "holds"
+    ms = fake_metrics([0], lambda n, s: {"s4": 0.28, "teacher": 0.26}.get(n, 0.2))
+    ms["s4", 0]["max_vio"] = 0.5
+    verdicts = {t: v for t, v, _ in claims(build_summary(ms, [0], "tiny", "abc", variants=["padd"]))}
+    assert verdicts["PADD >= teacher + 3 points"] == "does not hold"  # +2 points
+    assert verdicts["PADD above every baseline and ablation"] == "not measured"  # nothing to compare with
+    # one variant above PADD decides it even when others are missing; none above with some missing does not
+    summ = build_summary(ms, [0], "tiny", "abc", variants=["padd", "kd_only"])
+    assert {t: v for t, v, _ in claims(summ)}["PADD above every baseline and ablation"] == "not measured"
+    ms["s2", 0]["acc"] = 0.5
+    summ = build_summary(ms, [0], "tiny", "abc", variants=["padd", "kd_only"])
+    assert {t: v for t, v, _ in claims(summ)}["PADD above every baseline and ablation"] == "does not hold"
+    assert verdicts["PADD MaxVio <= 0.2"] == "does not hold"
+    assert verdicts["study wall time <= 60 min"] == "not measured"
