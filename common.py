@@ -56,6 +56,7 @@ def add_run_args(parser, seed_help="seed"):
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt if present")
     parser.add_argument("--log", help="JSON-lines metrics log (default: next to --out)")
+    parser.add_argument("--n-test", type=int, help="test problems graded at the end (preset if unset)")
 
 
 def setup(args, presets, stage):

@@ -53,7 +53,7 @@ from model import count_params
 from stage1_cluster import teacher_paths
 
 PRESETS = {
-    "tiny": dict(steps=16, batch_size=16, eval_every=8, n_val=60, n_test=70),
+    "tiny": dict(steps=16, batch_size=16, eval_every=8, n_val=60, n_test=42),
     "default": dict(steps=150, batch_size=32, eval_every=25, n_val=200, n_test=700),
     "gpu": dict(steps=600, batch_size=64, eval_every=100, n_val=300, n_test=700),
 }
@@ -65,6 +65,7 @@ parser.add_argument("--out", default="out/default/stage2.pt", help="where to wri
 parser.add_argument("--preset", choices=PRESETS, default="default", help="budget preset")
 parser.add_argument("--steps", type=int, help="optimiser steps (preset if unset)")
 parser.add_argument("--batch-size", type=int, help="prompts per step (preset if unset)")
+parser.add_argument("--eval-every", type=int, help="held-out KL, lambda update and resume point every N steps (preset if unset)")
 parser.add_argument("--lr", type=float, default=5e-4, help="learning rate")
 parser.add_argument("--loss", choices=["adaptive", "fkl"], default="adaptive",
                     help="adaptive: confidence-weighted forward/reverse KL; fkl: forward KL only (baseline)")

@@ -65,7 +65,7 @@ from stage1_cluster import teacher_paths
 from stage2_distill import path_kl, switch_aux_loss, token_kl_loss
 
 PRESETS = {
-    "tiny": dict(steps=4, prompts=4, group=4, n_probe=16, n_test=70, rs_every=1),
+    "tiny": dict(steps=4, prompts=4, group=4, n_probe=16, n_test=42, rs_every=1),
     "default": dict(steps=40, prompts=16, group=8, n_probe=64, n_test=700, rs_every=2),
     "gpu": dict(steps=200, prompts=64, group=8, n_probe=128, n_test=700, rs_every=5),
 }

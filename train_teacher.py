@@ -47,7 +47,7 @@ from model import GPT, GPTConfig, count_params
 
 PRESETS = {
     # model size, optimisation budget, and how many test problems to grade
-    "tiny": dict(n_layer=2, n_head=2, n_embd=64, steps=60, batch_size=32, lr=3e-3, n_test=70,
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, steps=60, batch_size=32, lr=3e-3, n_test=42,
                  n_train=4000, eval_every=30),
     "default": dict(n_layer=4, n_head=4, n_embd=128, steps=2400, batch_size=8, lr=3e-3, n_test=700,
                     n_train=20000, eval_every=400),
@@ -64,7 +64,6 @@ parser.add_argument("--batch-size", type=int, help="sequences per step (preset i
 parser.add_argument("--lr", type=float, help="peak learning rate (preset if unset)")
 parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                     help="pack whole examples into full rows (batch-size counts rows) instead of padding")
-parser.add_argument("--n-test", type=int, help="test problems graded at the end (preset if unset)")
 parser.add_argument("--eval-every", type=int, help="validation (and resume point) every this many steps (preset if unset)")
 parser.add_argument("--data-seed", type=int, default=0,
                     help="seed of the suite's splits; later stages use the teacher's (keep it fixed across --seed)")

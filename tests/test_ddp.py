@@ -17,7 +17,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["train_teacher.py", "--preset", "tiny", "--steps", "6", "--eval-every", "3", "--batch-size", "8",
-        "--n-test", "8", "--device", "cpu"]
+        "--n-test", "4", "--device", "cpu"]
 
 
 def train(tmp_path, name, launcher):

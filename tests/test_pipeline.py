@@ -111,7 +111,7 @@ def test_same_seed_same_numbers(smoke, tmp_path):
     runs = []
     for name in ("a", "b"):
         out = tmp_path / f"{name}.pt"
-        run("stage3_prgrpo.py", "--preset", "tiny", "--steps", "2", "--in", str(d / "stage2.pt"),
+        run("stage3_prgrpo.py", "--preset", "tiny", "--steps", "2", "--n-test", "20", "--in", str(d / "stage2.pt"),
             "--out", str(out), "--log", str(tmp_path / f"{name}.jsonl"), "--device", "cpu")
         runs.append(load(out))
     a, b = runs
@@ -124,15 +124,14 @@ def test_same_seed_same_numbers(smoke, tmp_path):
 def test_resume_gives_the_same_model(smoke, tmp_path):
     """Stopping half-way and resuming lands where an uninterrupted run does."""
     d, _ = smoke
-    common_args = ["--preset", "tiny", "--in", str(d / "stage1.pt"), "--device", "cpu"]
+    common_args = ["--preset", "tiny", "--in", str(d / "stage1.pt"), "--device", "cpu", "--steps", "8",
+                   "--eval-every", "4", "--n-test", "5"]
     full = tmp_path / "full.pt"
-    run("stage2_distill.py", *common_args, "--steps", "16", "--out", str(full), "--log", str(tmp_path / "f.jsonl"))
+    run("stage2_distill.py", *common_args, "--out", str(full), "--log", str(tmp_path / "f.jsonl"))
     part = tmp_path / "part.pt"
-    run("stage2_distill.py", *common_args, "--steps", "16", "--stop-after", "8", "--out", str(part),
-        "--log", str(tmp_path / "p.jsonl"))
+    run("stage2_distill.py", *common_args, "--stop-after", "4", "--out", str(part), "--log", str(tmp_path / "p.jsonl"))
     assert not part.exists() and (tmp_path / "part.pt.resume.pt").exists()
-    run("stage2_distill.py", *common_args, "--steps", "16", "--resume", "--out", str(part),
-        "--log", str(tmp_path / "p.jsonl"))
+    run("stage2_distill.py", *common_args, "--resume", "--out", str(part), "--log", str(tmp_path / "p.jsonl"))
     a, b = load(full)["model"], load(part)["model"]
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
@@ -142,7 +141,7 @@ def test_resume_gives_the_same_model(smoke, tmp_path):
 def test_router_shift_logged_for_every_algo(smoke, tmp_path, algo):
     d, _ = smoke
     log = tmp_path / "s3.jsonl"
-    run("stage3_prgrpo.py", "--preset", "tiny", "--steps", "2", "--algo", algo, "--in", str(d / "stage2.pt"),
-        "--out", str(tmp_path / "s3.pt"), "--log", str(log), "--device", "cpu")
+    run("stage3_prgrpo.py", "--preset", "tiny", "--steps", "2", "--n-test", "5", "--algo", algo, "--in",
+        str(d / "stage2.pt"), "--out", str(tmp_path / "s3.pt"), "--log", str(log), "--device", "cpu")
     rs = [l for l in map(json.loads, open(log)) if "router_shift" in l]
     assert rs and all(l["algo"] == algo and l["router_shift"] >= 0 for l in rs)
