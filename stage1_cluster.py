@@ -68,7 +68,7 @@ import eval_math
 from model import GPT, GPTConfig, count_params
 
 PRESETS = {
-    "tiny": dict(n_expert=8, top_k=2, n_record=96, steps=20, batch_size=16, router_steps=100, n_test=42, n_val=100),
+    "tiny": dict(n_expert=8, top_k=2, n_record=96, steps=20, batch_size=16, router_steps=50, n_test=42, n_val=100),
     "default": dict(n_expert=8, top_k=2, n_record=400, steps=40, batch_size=32, router_steps=300, n_test=700, n_val=300),
     "gpu": dict(n_expert=16, top_k=2, n_record=800, steps=200, batch_size=64, router_steps=300, n_test=700, n_val=300),
 }

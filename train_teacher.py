@@ -47,7 +47,7 @@ from model import GPT, GPTConfig, count_params
 
 PRESETS = {
     # model size, optimisation budget, and how many test problems to grade
-    "tiny": dict(n_layer=2, n_head=2, n_embd=64, steps=60, batch_size=32, lr=3e-3, n_test=42,
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, steps=40, batch_size=32, lr=3e-3, n_test=42,
                  n_train=4000, eval_every=30),
     "default": dict(n_layer=4, n_head=4, n_embd=128, steps=2400, batch_size=8, lr=3e-3, n_test=700,
                     n_train=20000, eval_every=400),
