@@ -39,11 +39,12 @@ subdomain x expert heatmap for T's clusters (mean p_T) and the student (routed s
 Deviations from the paper: profiles are taken on the suite's training text, not a pretraining
 corpus; clusters are balanced exactly (the paper does not say); the warmup is short (40 steps
 of 32 examples on the default preset). That is where the init shows: after 40 steps the
-cluster init is ahead of random subsets on validation loss, but after 120 steps the two are
-level (README, "Stage I"), because our experts are wide (h = H/2) and the warmup, which sees
-T's FFN outputs directly, repairs a random half-FFN quickly. p_T comes out close to uniform
-on our teacher (router CE ~1.86 nats per layer against log 8 = 2.08), so the path carries
-little information at this scale.
+cluster init is ahead of random subsets on validation loss (0.1188 vs 0.1252, README "Stage
+I"), but the gap closes with more warmup (level after 120 steps on an earlier teacher),
+because our experts are wide (h = H/2) and the warmup, which sees T's FFN outputs directly,
+repairs a random half-FFN quickly. p_T comes out close to uniform on our teacher (router CE
+~1.8 nats per layer against log 8 = 2.08), so the path carries little information at this
+scale.
 
     python stage1_cluster.py --in out/default/teacher.pt --out out/default/stage1.pt
     python stage1_cluster.py --init random_subsets --out out/abl/stage1_rs.pt   # baseline
