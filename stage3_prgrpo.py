@@ -208,11 +208,10 @@ def train(args, sample_reward=None, after_rollout=None):
                 disable=not common.is_main())
     for step in pbar:
         rng = random.Random(args.seed * 1_000_003 + step)
-        gen.manual_seed(args.seed * 1_000_003 + step)
         # under torchrun each rank rolls out its share of the prompts; a prompt's G samples stay
         # on one rank, so the group statistics of the advantage are exact without a gather
         batch = common.shard([sample(rng) for _ in range(args.prompts)])
-        gen.manual_seed(args.seed * 1_000_003 + step + 7919 * common.rank())
+        gen.manual_seed(args.seed * 1_000_003 + step + 7919 * common.rank())  # ranks sample apart
         ro = rollout(student, enc, batch, args, gen, device)
         rewards = ro["rewards"].clone()
         if sample_reward is not None:
