@@ -364,11 +364,10 @@ def plot_all(summary, metrics, fig_dir):
     sub_of = {"teacher": mean_per_subdomain([metrics["teacher", s] for s in seeds])} | {v: d["per_subdomain"] for v, d in var.items()}
     subs = list(dict.fromkeys(s for d in sub_of.values() for s in d))
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(11, 8))
+    colour = {name: "0.4" if name == "teacher" else f"C{i % 10}" for i, name in enumerate(rows)}  # same in both panels
     for i, (name, d) in enumerate(rows.items()):
         m, h = mean_ci95(d["acc_per_seed"])
-        # teacher, PADD, baselines, ablations
-        a1.bar(i, 100 * m, color="0.4" if name == "teacher" else "C0" if name == "padd" else
-               "C2" if name.startswith("no_stage") else "C1")
+        a1.bar(i, 100 * m, color=colour[name])
         a1.errorbar(i, 100 * m, yerr=100 * h, color="k", capsize=4)
         a1.plot([i] * len(seeds), [100 * a for a in d["acc_per_seed"]], "o", color="k", ms=3)
     a1.set_xticks(range(len(rows)), list(rows), rotation=20)
@@ -377,7 +376,7 @@ def plot_all(summary, metrics, fig_dir):
     w = 0.8 / len(rows)
     for i, name in enumerate(rows):
         a2.bar([j + (i - (len(rows) - 1) / 2) * w for j in range(len(subs))],
-               [100 * sub_of[name].get(s, 0) for s in subs], w, label=name)
+               [100 * sub_of[name].get(s, 0) for s in subs], w, label=name, color=colour[name])
     a2.set_xticks(range(len(subs)), [SHORT.get(s, s) for s in subs])
     a2.set_ylabel("test pass@1 (%)")
     a2.legend(ncol=5, fontsize=7)
