@@ -232,3 +232,10 @@ def test_claims_from_the_numbers():
     assert {t: v for t, v, _ in claims(summ)}["PADD above every baseline and ablation"] == "does not hold"
     assert verdicts["PADD MaxVio <= 0.2"] == "does not hold"
     assert verdicts["study wall time <= 60 min"] == "not measured"
+
+
+def test_wall_time_is_judged_on_three_seeds_only():
+    ms = {("teacher", 0): {"acc": 0.4, "active_params": 1, "total_params": 1}}
+    summ = build_summary(ms, [0], "tiny", "abc", variants=[])
+    [(_, verdict, text)] = [c for c in claims(summ, wall_seconds=600) if c[0] == "study wall time <= 60 min"]
+    assert verdict == "not measured" and "1 seed" in text
