@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 import common
 import data
+import train_teacher
 from model import GPT, GPTConfig
 from moe_kernel import moe_ffn, moe_ffn_masked_loop
 
@@ -137,10 +138,11 @@ def bench_kernel(device, repeats=20, sizes=((4096, 128),), configs=KERNEL_CONFIG
 
 
 def default_model(device, n_expert=1, top_k=1, block_size=128):
-    """The default preset's shapes (train_teacher.py): 4 layers, d=128, 4 heads."""
+    """A model of the default teacher's shape (train_teacher.PRESETS), random weights."""
     torch.manual_seed(0)
+    shape = {k: train_teacher.PRESETS["default"][k] for k in ("n_layer", "n_head", "n_embd")}
     cfg = GPTConfig(block_size=block_size, vocab_size=data.vocab_size_padded(data.get_tokenizer()),
-                    n_layer=4, n_head=4, n_embd=128, n_expert=n_expert, top_k=top_k)
+                    n_expert=n_expert, top_k=top_k, **shape)
     return GPT(cfg).to(device)
 
 

@@ -1363,13 +1363,14 @@ def evaluate(model, enc, records, device, batch_size=100, max_new_tokens=None, d
                 ent_sum += float(-(p * p.clamp(min=1e-12).log()).sum(-1).sum())
                 ent_n += p.size(0)
     model.train(was_training)
-    for i, c, p in common.gather_lists([(i, correct[i], preds[i]) for i in order]):
-        correct[i], preds[i] = c, p
-    if moe and common.world() > 1:
-        load = common.all_reduce(load.to(device)).cpu()
-        heat = {s: common.all_reduce(h.to(device)).cpu() for s, h in heat.items()}
-        ent = common.all_reduce(torch.tensor([ent_sum, ent_n], dtype=torch.float64, device=device))
-        ent_sum, ent_n = float(ent[0]), int(ent[1])
+    if common.world() > 1:
+        for i, c, p in common.gather_lists([(i, correct[i], preds[i]) for i in order]):
+            correct[i], preds[i] = c, p
+        if moe:
+            load = common.all_reduce(load.to(device)).cpu()
+            heat = {s: common.all_reduce(h.to(device)).cpu() for s, h in heat.items()}
+            ent = common.all_reduce(torch.tensor([ent_sum, ent_n], dtype=torch.float64, device=device))
+            ent_sum, ent_n = float(ent[0]), int(ent[1])
     subs = sorted({r.get("subdomain") or classify_subdomain(r["question"]) for r in records},
                   key=lambda s: SUBDOMAINS.index(s) if s in SUBDOMAINS else 99)
     per = {}
