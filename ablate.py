@@ -15,8 +15,11 @@ The variants, each the last checkpoint of a chain of the existing stage scripts:
     no_stage3       I -> II -> IV                                         s4_nos3
     no_stage4       I -> II -> III                                        s3_prgrpo
 
-plus the dense teacher every chain starts from. Shared prefixes run once per seed, so a seed
-is 16 subprocesses (NODES below), each `python <stage script> --preset P --seed S --in ...
+plus the dense teacher every chain starts from. The teacher is trained once, with the first
+seed, into <out>/teacher.pt and shared by every seed: a distillation study asks how the
+student pipeline varies, and one fixed teacher keeps its variance out of every comparison
+(and saves two of the longest runs). Shared prefixes run once per seed, so a seed is 15
+subprocesses (NODES below), each `python <stage script> --preset P --seed S --in ...
 --out <out>/seed<S>/<node>.pt`. Up to `--jobs` of them run at once, each single-threaded, and a
 node starts as soon as its input checkpoints exist. A node whose checkpoint exists is skipped,
 so an interrupted study continues where it stopped (and each script's own `--resume` picks up
@@ -36,8 +39,9 @@ Deviations and caveats:
   embeddings and attention are still the teacher's and the Stage I warmup still runs (with the
   teacher's clusters defining p_T for the later stages). It removes the clustered init, not
   the whole stage.
-- Stage IV is a second RL phase (PR-GRPO plus balancing, as many steps as Stage III), so padd
-  gets twice the RL steps of no_stage4, and no_stage3 still gets one RL phase (Stage IV's).
+- Stage IV is a second, shorter RL phase (bias calibration, then PR-GRPO plus balancing for
+  half of Stage III's steps at a smaller lr), so padd gets 1.5 times the RL steps of
+  no_stage4, and no_stage3 still gets Stage IV's short RL phase.
 - Every seed is evaluated on the same test problems: `--seed` varies the initialisation, the
   batches and the samples, while the suite's splits come from train_teacher.py's `--data-seed`
   (0), which later stages follow.
@@ -63,7 +67,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------- the study
 # node -> (script, the checkpoint it starts from, extra flags). Stages II-IV also get the
-# seed's teacher.pt as --teacher. Every checkpoint lives in <out>/seed<S>/<node>.pt.
+# teacher as --teacher. Checkpoints live in <out>/seed<S>/<node>.pt, the teacher in <out>/teacher.pt.
 NODES = {
     "teacher":            ("train_teacher.py",  None,                 []),
     "s1_cluster":         ("stage1_cluster.py", "teacher",            ["--init", "cluster"]),
@@ -143,8 +147,25 @@ def height(node):
     return 1 + max(map(height, kids)) if kids else 0
 
 
+def node_dir(out, seed, node):
+    """Where a node's checkpoint and logs live: <out> for the shared teacher, else <out>/seed<S>."""
+    return out if node == "teacher" else os.path.join(out, f"seed{seed}")
+
+
 def ckpt(out, seed, node):
-    return os.path.join(out, f"seed{seed}", f"{node}.pt")
+    return os.path.join(node_dir(out, seed, node), f"{node}.pt")
+
+
+def jobs_of(nodes, seeds, out):
+    """(node, seed) for every checkpoint the study needs, each once: the teacher with the
+    first seed only."""
+    seen, keys = set(), []
+    for s in seeds:
+        for n in nodes:
+            if ckpt(out, s, n) not in seen:
+                seen.add(ckpt(out, s, n))
+                keys.append((n, s))
+    return keys
 
 
 def command(node, seed, preset, out):
@@ -164,7 +185,7 @@ def schedule(nodes, seeds, out, run_node, jobs, on_done=lambda node, seed, rc, s
     worker thread; the real one waits on a subprocess). on_done is called in this thread.
     After a failure nothing new starts, running nodes finish. Returns [(node, seed, rc)] of the
     failures (rc None: it exited 0 but wrote no checkpoint)."""
-    pending = [(n, s) for s in seeds for n in nodes if not os.path.exists(ckpt(out, s, n))]
+    pending = [(n, s) for n, s in jobs_of(nodes, seeds, out) if not os.path.exists(ckpt(out, s, n))]
     # the longest chains first, so the study does not end with one long chain running alone
     pending.sort(key=lambda k: (-height(k[0]), seeds.index(k[1]), nodes.index(k[0])))
 
@@ -247,11 +268,11 @@ def build_summary(metrics, seeds, preset, commit, variants=tuple(VARIANTS)):
             vals.append(metrics[node, s][key])
         return vals
 
-    if not have("teacher"):
-        raise common.UserError(f"the teacher checkpoint is missing for seed(s) {[s for s in seeds if ('teacher', s) not in metrics]}")
-    accs = get("teacher", "acc")
+    if ("teacher", seeds[0]) not in metrics:
+        raise common.UserError("the teacher checkpoint is missing")
+    accs = [metrics["teacher", seeds[0]]["acc"]]  # one teacher, shared by every seed
     out = {"seeds": list(seeds), "preset": preset, "commit": commit,
-           "teacher": {"acc": mean_ci95(accs)[0], "acc_per_seed": accs,
+           "teacher": {"acc": accs[0], "acc_per_seed": accs,
                        "active_params": metrics["teacher", seeds[0]]["active_params"],
                        "total_params": metrics["teacher", seeds[0]]["total_params"]},
            "variants": {}, "router_shift": {}}
@@ -364,7 +385,7 @@ def plot_all(summary, metrics, fig_dir):
 
     # Figure 2: overall accuracy per variant, per-seed dots and 95% bars; then per subdomain
     rows = {"teacher": summary["teacher"]} | var
-    sub_of = {"teacher": mean_per_subdomain([metrics["teacher", s] for s in seeds])} | {v: d["per_subdomain"] for v, d in var.items()}
+    sub_of = {"teacher": metrics["teacher", s0]["per_subdomain"]} | {v: d["per_subdomain"] for v, d in var.items()}
     subs = list(dict.fromkeys(s for d in sub_of.values() for s in d))
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(11, 8))
     colour = {name: "0.4" if name == "teacher" else f"C{i % 10}" for i, name in enumerate(rows)}  # same in both panels
@@ -372,7 +393,7 @@ def plot_all(summary, metrics, fig_dir):
         m, h = mean_ci95(d["acc_per_seed"])
         a1.bar(i, 100 * m, color=colour[name])
         a1.errorbar(i, 100 * m, yerr=100 * h, color="k", capsize=4)
-        a1.plot([i] * len(seeds), [100 * a for a in d["acc_per_seed"]], "o", color="k", ms=3)
+        a1.plot([i] * len(d["acc_per_seed"]), [100 * a for a in d["acc_per_seed"]], "o", color="k", ms=3)
     a1.set_xticks(range(len(rows)), list(rows), rotation=20)
     a1.set_ylabel("test pass@1 (%)")
     a1.set_title(f"accuracy, mean over seeds {seeds} (dots: seeds, bars: 95% CI)")
@@ -468,8 +489,8 @@ def markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, md_pa
          "| variant | what | acc | seeds | " + " | ".join(SHORT.get(s, s) for s in subs) + " | MaxVio | active | total |",
          "|---|---|---|---|" + "---|" * len(subs) + "---|---|---|"]
     t = summary["teacher"]
-    t_sub = mean_per_subdomain([metrics["teacher", s] for s in seeds])
-    L.append(f"| teacher | dense | {pct(t['acc'])} ± {pct(mean_ci95(t['acc_per_seed'])[1])} | "
+    t_sub = metrics["teacher", seeds[0]]["per_subdomain"]
+    L.append(f"| teacher | dense, one for all seeds | {pct(t['acc'])} | "
              + " ".join(pct(a) for a in t["acc_per_seed"]) + " | "
              + " | ".join(pct(t_sub[s]) if s in t_sub else "" for s in subs)
              + f" | | {t['active_params']:,} | {t['total_params']:,} |")
@@ -532,13 +553,14 @@ def main():
         # single-threaded processes side by side: at our matrix sizes two processes on two
         # cores get more done than one process with two threads
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        todo = sum(not os.path.exists(ckpt(args.out, s, n)) for s in seeds for n in nodes)
-        print(f"{len(nodes)} nodes x {len(seeds)} seeds, {len(nodes) * len(seeds) - todo} done already, {todo} to run")
+        keys = jobs_of(nodes, seeds, args.out)
+        todo = sum(not os.path.exists(ckpt(args.out, s, n)) for n, s in keys)
+        print(f"{len(keys)} checkpoints for {len(seeds)} seed(s), {len(keys) - todo} done already, {todo} to run")
         bar = tqdm(total=todo, desc="ablate", unit="node", disable=not todo)
 
         def run_node(node, seed):
             script, *rest = command(node, seed, args.preset, args.out)
-            d = os.path.join(args.out, f"seed{seed}")
+            d = node_dir(args.out, seed, node)
             os.makedirs(d, exist_ok=True)
             # a metrics log per node (the three Stage III runs of a seed would otherwise share
             # stage3.jsonl), and --resume so a node killed halfway continues from its last save
@@ -555,12 +577,12 @@ def main():
         failed = schedule(nodes, seeds, args.out, run_node, args.jobs, on_done)
         bar.close()
         for node, seed, rc in failed:
-            log = os.path.join(args.out, f"seed{seed}", f"{node}.log")
+            log = os.path.join(node_dir(args.out, seed, node), f"{node}.log")
             print(f"--- {node} (seed {seed}), the end of {log}:\n{log_tail(log)}", file=sys.stderr)
         if failed:
             node, seed, rc = failed[0]
             raise common.UserError(f"{node} (seed {seed}) " + (f"exited with status {rc}" if rc is not None else
-                                   "wrote no checkpoint") + f"; see {os.path.join(args.out, f'seed{seed}', node + '.log')}")
+                                   "wrote no checkpoint") + f"; see {os.path.join(node_dir(args.out, seed, node), node + '.log')}")
 
     metrics = {(n, s): common.load_checkpoint(ckpt(args.out, s, n))["metrics"]
                for s in seeds for n in nodes if os.path.exists(ckpt(args.out, s, n))}
@@ -572,8 +594,7 @@ def main():
         json.dump(summary, f, indent=1)
     figs = plot_all(summary, metrics, os.path.join(args.results, "figures"))
 
-    keys = [(n, s) for s in seeds for n in nodes]
-    times = study_time(jsonl, keys)
+    times = study_time(jsonl, jobs_of(nodes, seeds, args.out))
     complete = len(summary["variants"]) == len(VARIANTS) and not times[2]
     verdicts = claims(summary, times[1] if complete else None)
     shown = [a for a in sys.argv[1:] if a != "--report-only"]

@@ -175,11 +175,13 @@ def rollout(student, enc, batch, args, gen, device):
     return ro
 
 
-def train(args, sample_reward=None, after_rollout=None):
+def train(args, sample_reward=None, after_rollout=None, before_loop=None):
     """The RL loop shared by Stages III and IV.
 
     sample_reward(student, ro) -> [B] extra per-sample reward (Stage IV's balance reward);
-    after_rollout(student, ro) runs once per rollout batch (Stage IV's router-bias update).
+    after_rollout(student, ro) runs once per rollout batch (Stage IV's router-bias update);
+    before_loop(student, enc, sample, device, log) runs once before the first step of a fresh run
+    (Stage IV's bias calibration), where sample(rng) draws a training problem.
     """
     device, log = common.setup(args, PRESETS, args.stage)
     sckpt = common.load_checkpoint(args.inp, kind="moe")
@@ -201,6 +203,8 @@ def train(args, sample_reward=None, after_rollout=None):
     start, state = common.maybe_resume(args, student, opt)
     gen = torch.Generator(device=device)
     t0 = time.time()
+    if before_loop is not None and start == 0:
+        before_loop(student, enc, sample, device, log)
     g_prev = state.get("g_prev") or probe_router(student, probe_idx, probe_valid)
     shifts = state.get("shifts", [])
     rewards_curve = state.get("rewards_curve", [])

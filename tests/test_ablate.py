@@ -37,9 +37,9 @@ def test_ancestor_closure_by_hand():
 def test_command_passes_the_seeds_teacher_explicitly():
     cmd = command("s4_nos2", 1, "tiny", "o")
     assert cmd == ["stage4_balance.py", "--preset", "tiny", "--seed", "1", "--in", os.path.join("o", "seed1", "s3_prgrpo_nos2.pt"),
-                   "--teacher", os.path.join("o", "seed1", "teacher.pt"), "--out", os.path.join("o", "seed1", "s4_nos2.pt")]
+                   "--teacher", os.path.join("o", "teacher.pt"), "--out", os.path.join("o", "seed1", "s4_nos2.pt")]
     assert command("teacher", 0, "tiny", "o") == ["train_teacher.py", "--preset", "tiny", "--seed", "0",
-                                                  "--out", os.path.join("o", "seed0", "teacher.pt")]
+                                                  "--out", os.path.join("o", "teacher.pt")]
     s1 = command("s1_random", 0, "default", "o")
     assert "--teacher" not in s1 and s1[-2:] == ["--init", "random"]
     assert command("s3_grpo", 2, "tiny", "o")[-2:] == ["--algo", "grpo"]
@@ -68,10 +68,12 @@ def test_schedule_runs_each_missing_node_once_after_its_inputs(tmp_path):
     out, calls = str(tmp_path), []
     nodes = ancestors(["padd", "vanilla_grpo"])
     assert schedule(nodes, [0, 1], out, fake_runner(out, calls), jobs=2) == []
-    assert sorted(calls) == sorted((n, s) for n in nodes for s in (0, 1))
+    # one teacher, trained with the first seed, shared by both
+    assert sorted(calls) == sorted([("teacher", 0)] + [(n, s) for n in nodes[1:] for s in (0, 1)])
+    assert calls[0] == ("teacher", 0)
     for s in (0, 1):
         seq = [n for n, t in calls if t == s]
-        assert seq.index("teacher") < seq.index("s1_cluster") < seq.index("s2") < seq.index("s3_prgrpo") < seq.index("s4")
+        assert seq.index("s1_cluster") < seq.index("s2") < seq.index("s3_prgrpo") < seq.index("s4")
 
 
 def test_schedule_skips_nodes_whose_checkpoint_exists(tmp_path):
@@ -88,8 +90,9 @@ def test_schedule_skips_nodes_whose_checkpoint_exists(tmp_path):
 
 def test_schedule_runs_two_at_once(tmp_path):
     out, calls, done = str(tmp_path), [], []
+    open(ckpt(out, 0, "teacher"), "w").close()  # the input every seed's s1_cluster shares
     t0 = time.time()
-    schedule(["teacher"], [0, 1, 2, 3], out, fake_runner(out, calls, seconds=0.2), jobs=2,
+    schedule(["s1_cluster"], [0, 1, 2, 3], out, fake_runner(out, calls, seconds=0.2), jobs=2,
              on_done=lambda n, s, rc, sec: done.append((n, s, rc, sec)))
     # 4 independent nodes of 0.2 s on 2 workers: 0.4 s, not 0.8
     assert time.time() - t0 < 0.7

@@ -11,7 +11,7 @@ from stage1_cluster import (balanced_assign, balanced_kmeans, build_student, dec
                             neuron_profiles, teacher_path)
 from stage2_distill import adaptive_lambda, path_kl, switch_aux_loss, token_kl_loss
 from stage3_prgrpo import clipped_surrogate, group_advantages, router_shift, router_shift_weight
-from stage4_balance import balance_reward, bias_update, sample_load
+from stage4_balance import balance_reward, bias_update, calibrate_bias, sample_load
 from eval_math import max_vio
 
 
@@ -196,6 +196,26 @@ def test_bias_update_moves_toward_underloaded_experts():
     b = bias_update(torch.zeros(4), torch.tensor([6.0, 2.0, 2.0, 2.0]), 0.01)
     assert torch.allclose(b, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
     assert torch.equal(bias_update(torch.zeros(2), torch.tensor([3.0, 3.0]), 0.5), torch.zeros(2))
+
+
+def test_calibrate_bias_balances_a_skewed_router_without_touching_the_gates():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, n_expert=4, top_k=1))
+    for f in model.ffns:  # a skew toward expert 0 for the calibration to undo
+        f.select_bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 64, (8, 16), generator=g), torch.ones(8, 16, dtype=torch.bool)) for _ in range(150)]
+    idx = batches[0][0]
+    model(idx)
+    gates_before = [f.router_probs.detach().clone() for f in model.ffns]
+    curve = calibrate_bias(model, batches, 0.02)
+    assert len(curve) == 150 and curve[0] > 1.0  # one expert took most tokens
+    assert max(curve[-20:]) < 0.5 * curve[0]
+    model(idx)
+    # the bias moves the selection only: layer 0 sees the same input, so the same gate values
+    # (deeper layers see outputs of other experts)
+    assert torch.equal(model.ffns[0].router_probs, gates_before[0])
+    assert all(f.select_bias[0] - f.select_bias[1:].mean() < 0.5 for f in model.ffns)  # from 1.0
 
 
 def test_max_vio():
