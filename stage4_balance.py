@@ -165,7 +165,8 @@ def main():
 
         curve = calibrate_bias(student, batches(), args.bias_rate)
         common.append_jsonl(log, dict(stage=args.stage, calibration=True, max_vio_curve=curve))
-        print(f"bias calibration: {args.calibrate} steps, MaxVio {curve[0]:.3f} -> {curve[-1]:.3f}")
+        if common.is_main():
+            print(f"bias calibration: {args.calibrate} steps, MaxVio {curve[0]:.3f} -> {curve[-1]:.3f}")
 
     train(args, sample_reward=sample_reward, after_rollout=after_rollout, before_loop=before_loop)
 
