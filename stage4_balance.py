@@ -99,6 +99,12 @@ def bias_update(bias, load, rate):
     return bias + rate * torch.sign(load.float().mean() - load.float())
 
 
+def global_load(topk_per_layer, n_expert):
+    """Assignments per expert, [L, E] float, from each layer's top-k indices, summed over ranks."""
+    return common.all_reduce(torch.stack([torch.bincount(k.flatten(), minlength=n_expert)
+                                          for k in topk_per_layer]).float())
+
+
 @torch.no_grad()
 def calibrate_bias(model, batches, rate):
     """Bias-only balancing: for each (idx, valid) batch, route it (no sampling, no gradient) and
@@ -110,8 +116,7 @@ def calibrate_bias(model, batches, rate):
     for idx, valid in batches:
         model(idx)
         E = model.config.n_expert
-        load = common.all_reduce(torch.stack([torch.bincount(f.topk_idx[valid.flatten()].flatten(), minlength=E)
-                                              for f in model.ffns]).float())
+        load = global_load([f.topk_idx[valid.flatten()] for f in model.ffns], E)
         curve.append(float(eval_math.max_vio(load.cpu()).mean()))
         for f, l in zip(model.ffns, load):
             f.select_bias.copy_(bias_update(f.select_bias, l, rate))
@@ -138,8 +143,7 @@ def main():
         # MaxVio on both, and balancing completions alone left the prompts' load skewed
         E = student.config.n_expert
         # (summed over ranks under torchrun, so every rank takes the same bias step)
-        load = torch.stack([torch.bincount(k.flatten(), minlength=E) for k in ro["topk_all"]]).float()
-        ro["load"] = common.all_reduce(load).cpu()
+        ro["load"] = global_load(ro["topk_all"], E).cpu()
         if args.balance in ("reward", "reward_bias"):
             return args.alpha * balance_reward(loads).cpu()
         return torch.zeros(ro["rewards"].numel())
