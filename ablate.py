@@ -548,12 +548,12 @@ def main():
     variants = args.variants or list(VARIANTS)
     nodes = ancestors(variants)
     jsonl = os.path.join(args.out, "ablate.jsonl")
+    keys = jobs_of(nodes, seeds, args.out)  # the shared teacher once, under the first seed
 
     if not args.report_only:
         # single-threaded processes side by side: at our matrix sizes two processes on two
         # cores get more done than one process with two threads
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        keys = jobs_of(nodes, seeds, args.out)
         todo = sum(not os.path.exists(ckpt(args.out, s, n)) for n, s in keys)
         print(f"{len(keys)} checkpoints for {len(seeds)} seed(s), {len(keys) - todo} done already, {todo} to run")
         bar = tqdm(total=todo, desc="ablate", unit="node", disable=not todo)
@@ -585,7 +585,7 @@ def main():
                                    "wrote no checkpoint") + f"; see {os.path.join(node_dir(args.out, seed, node), node + '.log')}")
 
     metrics = {(n, s): common.load_checkpoint(ckpt(args.out, s, n))["metrics"]
-               for s in seeds for n in nodes if os.path.exists(ckpt(args.out, s, n))}
+               for n, s in keys if os.path.exists(ckpt(args.out, s, n))}
     if not metrics:
         raise common.UserError(f"no checkpoints under {args.out}/seed*/ for seeds {seeds}; run without --report-only first")
     summary = build_summary(metrics, seeds, args.preset, git_commit(), variants)
@@ -594,7 +594,7 @@ def main():
         json.dump(summary, f, indent=1)
     figs = plot_all(summary, metrics, os.path.join(args.results, "figures"))
 
-    times = study_time(jsonl, jobs_of(nodes, seeds, args.out))
+    times = study_time(jsonl, keys)
     complete = len(summary["variants"]) == len(VARIANTS) and not times[2]
     verdicts = claims(summary, times[1] if complete else None)
     shown = [a for a in sys.argv[1:] if a != "--report-only"]
