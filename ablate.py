@@ -21,7 +21,8 @@ student pipeline varies, and one fixed teacher keeps its variance out of every c
 (and saves two of the longest runs). Shared prefixes run once per seed, so a seed is 15
 subprocesses (NODES below), each `python <stage script> --preset P --seed S --in ...
 --out <out>/seed<S>/<node>.pt`. Up to `--jobs` of them run at once, each single-threaded, and a
-node starts as soon as its input checkpoints exist. A node whose checkpoint exists is skipped,
+node starts as soon as its input checkpoints exist (the teacher, which nothing can run beside,
+gets `--jobs` threads). A node whose checkpoint exists is skipped,
 so an interrupted study continues where it stopped (and each script's own `--resume` picks up
 a half-finished node).
 
@@ -115,7 +116,7 @@ parser.add_argument("--preset", choices=["tiny", "default"], help="budget preset
 parser.add_argument("--out", help="checkpoints and logs (default: out/ablate; --quick: out/ablate_quick)")
 parser.add_argument("--results", help="folder for summary.json and figures/ (default: results; --quick: results_quick)")
 parser.add_argument("--md", help="the generated write-up (default: RESULTS.md; --quick: RESULTS_quick.md)")
-parser.add_argument("--jobs", type=int, default=2, help="subprocesses at once, each with OMP_NUM_THREADS=1")
+parser.add_argument("--jobs", type=int, default=2, help="subprocesses at once, each with OMP_NUM_THREADS=1 (the teacher, which runs alone, with --jobs)")
 parser.add_argument("--quick", action="store_true", help="tiny preset into separate folders: checks the machinery in ~10 min")
 parser.add_argument("--report-only", action="store_true", help="run nothing; rebuild summary, figures and markdown")
 parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="NAME",
@@ -552,8 +553,9 @@ def main():
 
     if not args.report_only:
         # single-threaded processes side by side: at our matrix sizes two processes on two
-        # cores get more done than one process with two threads
-        env = dict(os.environ, OMP_NUM_THREADS="1")
+        # cores get more done than one process with two threads. The teacher is the exception:
+        # every other node waits on it, so it runs alone and gets all --jobs threads.
+        env = {n: dict(os.environ, OMP_NUM_THREADS=str(args.jobs if n == "teacher" else 1)) for n in NODES}
         todo = sum(not os.path.exists(ckpt(args.out, s, n)) for n, s in keys)
         print(f"{len(keys)} checkpoints for {len(seeds)} seed(s), {len(keys) - todo} done already, {todo} to run")
         bar = tqdm(total=todo, desc="ablate", unit="node", disable=not todo)
@@ -567,7 +569,7 @@ def main():
             rest += ["--log", os.path.join(d, f"{node}.jsonl"), "--resume"]
             with open(os.path.join(d, f"{node}.log"), "w") as f:
                 return subprocess.run([sys.executable, os.path.join(HERE, script)] + rest, stdout=f,
-                                      stderr=subprocess.STDOUT, env=env).returncode
+                                      stderr=subprocess.STDOUT, env=env[node]).returncode
 
         def on_done(node, seed, rc, seconds):
             common.append_jsonl(jsonl, dict(node=node, seed=seed, seconds=round(seconds, 1), returncode=rc))

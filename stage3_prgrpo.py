@@ -44,6 +44,13 @@ Simplifications (nanochat-style, all at small scale):
     python stage3_prgrpo.py --in out/default/stage2.pt --out out/default/stage3.pt --algo prgrpo
     torchrun --standalone --nproc_per_node=2 stage3_prgrpo.py --in out/default/stage2.pt --out out/default/stage3.pt
 
+The updates run on length-sorted micro-batches of about `--micro-tokens` padded tokens each,
+gradients accumulated (`length_buckets`, `policy_loss`): every term above is a sum over tokens
+divided by the whole batch's count, so the step is the full batch's (tested against one
+bucket), without the ~40% padding of a rollout batch padded to its longest row. The exception
+is the Switch loss of Stage IV's `--balance aux` baseline, which is not a sum over tokens:
+each micro-batch's counts by its share of the tokens.
+
 Under torchrun the prompts of a step are split over ranks and each rank rolls out its prompts'
 G samples; a group never straddles ranks, so group-normalised advantages need no gather.
 Rewards are averaged over ranks for the log, expert loads summed (Stage IV's bias and MaxVio
@@ -65,9 +72,9 @@ from stage1_cluster import teacher_paths
 from stage2_distill import path_kl, switch_aux_loss, token_kl_loss
 
 PRESETS = {
-    "tiny": dict(steps=4, prompts=4, group=4, n_probe=16, n_test=42, rs_every=1),
-    "default": dict(steps=40, prompts=16, group=8, n_probe=64, n_test=700, rs_every=2),
-    "gpu": dict(steps=200, prompts=64, group=8, n_probe=128, n_test=700, rs_every=5),
+    "tiny": dict(steps=4, prompts=4, group=4, n_probe=16, n_test=42, rs_every=1, micro_tokens=2048),
+    "default": dict(steps=40, prompts=16, group=8, n_probe=64, n_test=700, rs_every=2, micro_tokens=2048),
+    "gpu": dict(steps=200, prompts=64, group=8, n_probe=128, n_test=700, rs_every=5, micro_tokens=32768),
 }
 
 
@@ -93,6 +100,7 @@ def make_parser(description, stage, inp, out):
     p.add_argument("--w-distill", type=float, default=0.05, help="prgrpo: weight of the kept Stage II KL(T || S)")
     p.add_argument("--w-aux", type=float, default=0.0, help="weight of the Switch balance loss (stage 4: --balance aux)")
     p.add_argument("--format-reward", type=float, default=0.0, help="reward for an extractable answer")
+    p.add_argument("--micro-tokens", type=int, help="padded tokens per micro-batch of the updates (preset if unset)")
     p.add_argument("--rs-every", type=int, help="log router shift on the probe batch every N steps")
     common.add_run_args(p)
     p.set_defaults(stage=stage)
@@ -136,6 +144,67 @@ def token_logprobs(logits, targets):
     mask = targets >= 0
     lp = logits.float().log_softmax(-1)[mask]
     return lp.gather(1, targets[mask][:, None]).squeeze(1)
+
+
+def length_buckets(lengths, max_tokens):
+    """Rows of a right-padded batch in micro-batches of similar length: [(rows, T)], rows in
+    ascending order, T the bucket's longest row, each bucket about max_tokens padded tokens.
+    Sorting first is the point: a rollout batch padded to its longest row is ~40% padding."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    out, cur = [], []
+    for i in order:  # lengths grow along `order`, so lengths[i] is the bucket's T if i joins it
+        if cur and (len(cur) + 1) * lengths[i] > max_tokens:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    out.append(cur)
+    return [(torch.tensor(sorted(b)), max(lengths[i] for i in b)) for b in out if b]
+
+
+def bucket(ro, tok_adv, rows, T):
+    """The rollout's rows `rows` cut to T columns, with their tokens' entries of the per-token
+    tensors (which list the batch's loss tokens row by row, so `pos` keeps their order)."""
+    pos = torch.isin(ro["sample_of_token"], rows).nonzero().squeeze(1)
+    targets = ro["targets"][rows, :T]
+    return dict(pos=pos, idx=ro["idx"][rows, :T], targets=targets, mask=targets >= 0, valid=ro["valid"][rows, :T],
+                adv=tok_adv[pos], logp_old=ro["logp_old"][pos],
+                logg_old=[g[pos] for g in ro["logg_old"]], topk_old=[k[pos] for k in ro["topk_old"]])
+
+
+def policy_loss(student, b, args, counts, tok_weight=1.0):
+    """Bucket b's share of the step's loss (the docstring's L for `--algo`): every token term is
+    a sum over b's tokens divided by the whole batch's count (counts: tokens, good = tokens of
+    A > 0 samples, valid = non-pad tokens), so the buckets' losses add up to the batch's.
+    Returns (loss, gamma per token or None)."""
+    with common.autocast(b["idx"].device):
+        logits, _ = student(b["idx"])
+    mflat = b["mask"].flatten()
+    logp = token_logprobs(logits, b["targets"])
+    logg = [f.router_probs[mflat].clamp(min=1e-9).log() for f in student.ffns]
+    n, L = counts["tokens"], len(logg)
+    gamma = None
+    if args.algo in ("rspo", "prgrpo"):
+        gamma = router_shift_weight(logg, b["logg_old"], b["topk_old"], args.gamma_min)
+    loss = clipped_surrogate(logp, b["logp_old"], b["adv"], args.clip, gamma).sum() / n * tok_weight
+    if "ref_logp" in b:
+        d = b["ref_logp"] - logp
+        loss = loss + args.w_ref * (torch.exp(d) - d - 1).sum() / n
+    if args.algo == "prgrpo":
+        if args.w_anchor > 0:
+            anchor = sum((lg.exp() - lo.exp()).abs().sum() for lg, lo in zip(logg, b["logg_old"])) / (L * n)
+            loss = loss + args.w_anchor * anchor
+        good = b["adv"] > 0
+        if args.w_align > 0 and good.any():
+            align = sum(path_kl(p[good], lg[good].exp()).sum() for p, lg in zip(b["p_t"], logg)) / (L * counts["good"])
+            loss = loss + args.w_align * align
+        if args.w_distill > 0:
+            loss = loss + args.w_distill * token_kl_loss(b["t_logits"], logits[b["mask"]], beta=0.0).sum() / n
+    if args.w_aux > 0:
+        # the Switch loss is not a sum over tokens: each bucket's counts as its share of the valid tokens
+        vflat = b["valid"].flatten()
+        aux = sum(switch_aux_loss(f.router_probs[vflat], f.topk_idx[vflat]) for f in student.ffns)
+        loss = loss + args.w_aux * aux * int(vflat.sum()) / counts["valid"]
+    return loss, gamma
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -222,53 +291,33 @@ def train(args, sample_reward=None, after_rollout=None, before_loop=None):
             rewards += sample_reward(student, ro)
         adv = group_advantages(rewards, args.group).to(device)
         tok_adv = adv[ro["sample_of_token"]]
-        mask = ro["targets"] >= 0
-        mflat = mask.flatten()
-        need_teacher = args.algo == "prgrpo" and (args.w_align > 0 or args.w_distill > 0)
-        if need_teacher:
-            with common.autocast(device):
-                t_logits, p_t, _ = teacher_paths(teacher, ro["idx"], clusters)
-            t_logits = t_logits[mask]
-            p_t = [p[mflat] for p in p_t]
-        if ref is not None:
-            with torch.no_grad():
-                ref_logp = token_logprobs(ref(ro["idx"])[0], ro["targets"])
+        buckets = [bucket(ro, tok_adv, rows.to(device), T)
+                   for rows, T in length_buckets(ro["valid"].sum(1).tolist(), args.micro_tokens)]
+        for b in buckets:
+            if args.algo == "prgrpo" and (args.w_align > 0 or args.w_distill > 0):
+                with common.autocast(device):
+                    t_logits, p_t, _ = teacher_paths(teacher, b["idx"], clusters)
+                b["t_logits"], b["p_t"] = t_logits[b["mask"]], [p[b["mask"].flatten()] for p in p_t]
+            if ref is not None:
+                with torch.no_grad():
+                    b["ref_logp"] = token_logprobs(ref(b["idx"])[0], b["targets"])
         if after_rollout is not None:
             after_rollout(student, ro)
-        tok_weight = common.global_weight(int(mask.sum()), device)  # token mean over the global batch
+        counts = dict(tokens=len(tok_adv), good=int((tok_adv > 0).sum()), valid=int(ro["valid"].sum()))
+        tok_weight = common.global_weight(counts["tokens"], device)  # token mean over the global batch
         stats = {}
         for _ in range(args.mu):
-            with common.autocast(device):
-                logits, _ = student(ro["idx"])
-            logp = token_logprobs(logits, ro["targets"])
-            logg = [f.router_probs[mflat].clamp(min=1e-9).log() for f in student.ffns]
-            gamma = None
-            if args.algo in ("rspo", "prgrpo"):
-                gamma = router_shift_weight(logg, ro["logg_old"], ro["topk_old"], args.gamma_min)
-            loss = clipped_surrogate(logp, ro["logp_old"], tok_adv, args.clip, gamma).mean() * tok_weight
-            if ref is not None:
-                d = ref_logp - logp
-                loss = loss + args.w_ref * (torch.exp(d) - d - 1).mean()
-            if args.algo == "prgrpo":
-                if args.w_anchor > 0:
-                    anchor = torch.stack([(lg.exp() - lo.exp()).abs().sum(-1).mean()
-                                          for lg, lo in zip(logg, ro["logg_old"])]).mean()
-                    loss = loss + args.w_anchor * anchor
-                good = tok_adv > 0
-                if args.w_align > 0 and good.any():
-                    align = torch.stack([path_kl(p[good], lg[good].exp()).mean() for p, lg in zip(p_t, logg)]).mean()
-                    loss = loss + args.w_align * align
-                if args.w_distill > 0:
-                    loss = loss + args.w_distill * token_kl_loss(t_logits, logits[mask], beta=0.0).mean()
-            if args.w_aux > 0:
-                vflat = ro["valid"].flatten()
-                loss = loss + args.w_aux * sum(switch_aux_loss(f.router_probs[vflat], f.topk_idx[vflat]) for f in student.ffns)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, gammas = 0.0, []
+            for b in buckets:  # gradient accumulation: each bucket's loss is its share of the batch's
+                part, gamma = policy_loss(student, b, args, counts, tok_weight)
+                part.backward()
+                loss += part.item()
+                gammas.append(gamma)
             common.sync_grads(student)
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
-            stats = dict(loss=loss.item(), gamma=float(gamma.mean()) if gamma is not None else 1.0)
+            stats = dict(loss=loss, gamma=float(torch.cat(gammas).mean()) if gammas[0] is not None else 1.0)
         acc, mean_reward = (float(v) / common.world() for v in
                             common.all_reduce(torch.tensor([float(ro["correct"].mean()), float(rewards.mean())], device=device)))
         rewards_curve.append(acc)

@@ -1,16 +1,19 @@
 """The pure pieces of each PADD stage, against hand computations."""
 
+import argparse
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import common
 from model import GPT, GPTConfig, count_params
 from stage1_cluster import (balanced_assign, balanced_kmeans, build_student, decompress, expert_neurons,
                             neuron_profiles, teacher_path)
 from stage2_distill import adaptive_lambda, path_kl, switch_aux_loss, token_kl_loss
-from stage3_prgrpo import clipped_surrogate, group_advantages, router_shift, router_shift_weight
+from stage3_prgrpo import (bucket, clipped_surrogate, group_advantages, length_buckets, policy_loss, router_shift,
+                           router_shift_weight, token_logprobs)
 from stage4_balance import balance_reward, bias_update, calibrate_bias, sample_load
 from eval_math import max_vio
 
@@ -177,6 +180,66 @@ def test_router_shift_weight_floor_and_stop_gradient():
     assert float(router_shift_weight(moved, old, topk, 0.1)) == pytest.approx(want, rel=1e-5)
     far = [torch.log(torch.tensor([[0.001, 0.001, 0.998]]))]
     assert float(router_shift_weight(far, old, topk, 0.3)) == pytest.approx(0.3)
+
+
+def test_length_buckets_cover_every_row_once_and_cut_the_padding():
+    lengths = [30, 7, 12, 30, 5, 22, 9, 17, 25, 6]
+    buckets = length_buckets(lengths, max_tokens=60)
+    rows = torch.cat([r for r, _ in buckets]).tolist()
+    assert sorted(rows) == list(range(len(lengths)))
+    for r, T in buckets:
+        assert r.tolist() == sorted(r.tolist()) and T == max(lengths[i] for i in r)
+        assert len(r) * T <= 60 or len(r) == 1
+    assert sum(len(r) * T for r, T in buckets) < len(lengths) * max(lengths)
+    assert len(length_buckets(lengths, max_tokens=10_000)) == 1
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rspo", "prgrpo"])
+def test_bucketed_policy_loss_has_the_full_batch_gradient(algo):
+    # the updates run on length-sorted micro-batches; their summed gradient must be the one
+    # the whole padded batch gives (the slow reference: one bucket holding every row)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, n_expert=4, top_k=2))
+    lens = [(3, 9), (5, 2), (4, 14), (2, 6), (6, 11), (3, 3)]
+    prompts = [torch.randint(1, 64, (p,)).tolist() for p, _ in lens]
+    comps = [torch.randint(1, 64, (c,)).tolist() for _, c in lens]
+    idx, targets, valid = common.pad_batch(prompts, comps, torch.device("cpu"))
+    mflat = (targets >= 0).flatten()
+    with torch.no_grad():
+        logits, _ = model(idx)
+        ro = dict(idx=idx, targets=targets, valid=valid, logp_old=token_logprobs(logits, targets),
+                  logg_old=[f.router_probs[mflat].log() for f in model.ffns],
+                  topk_old=[f.topk_idx[mflat] for f in model.ffns],
+                  sample_of_token=torch.arange(len(lens))[:, None].expand_as(targets)[targets >= 0])
+        for p in model.parameters():  # the policy has moved since the rollout: ratios and gamma != 1
+            p.add_(0.05 * torch.randn_like(p))
+    n = int(mflat.sum())
+    tok_adv = torch.randn(len(lens))[ro["sample_of_token"]]
+    extra = dict(t_logits=torch.randn(n, 64), p_t=[torch.softmax(torch.randn(n, 4), -1) for _ in range(2)],
+                 ref_logp=-torch.rand(n))
+    args = argparse.Namespace(algo=algo, gamma_min=0.5, clip=0.2, w_ref=0.1, w_anchor=0.5, w_align=0.3,
+                              w_distill=0.2, w_aux=0.0)
+    counts = dict(tokens=n, good=int((tok_adv > 0).sum()), valid=int(valid.sum()))
+
+    def grads(max_tokens):
+        model.zero_grad()
+        total = 0.0
+        for rows, T in length_buckets(valid.sum(1).tolist(), max_tokens):
+            b = bucket(ro, tok_adv, rows, T)
+            b.update(t_logits=extra["t_logits"][b["pos"]], p_t=[p[b["pos"]] for p in extra["p_t"]],
+                     ref_logp=extra["ref_logp"][b["pos"]])
+            loss, _ = policy_loss(model, b, args, counts)
+            loss.backward()
+            total += loss.item()
+        return total, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    loss_full, g_full = grads(10_000)
+    loss_split, g_split = grads(40)
+    assert len(length_buckets(valid.sum(1).tolist(), 40)) >= 3
+    assert loss_split == pytest.approx(loss_full, rel=1e-5)
+    assert len(g_split) == len(g_full)
+    for a, b in zip(g_split, g_full):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- Stage IV
