@@ -11,7 +11,7 @@ import pytest
 import ablate
 import common
 from ablate import (NODES, VARIANTS, ancestors, build_summary, busy_wall, ckpt, claims, command, inputs,
-                    last_third, mean_ci95, schedule, shift_band, study_time)
+                    last_third, late_gamma, mean_ci95, node_dir, schedule, shift_band, study_time)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -148,8 +148,9 @@ def test_busy_wall_and_study_time(tmp_path):
             dict(time=120, node="s1_cluster", seed=0, seconds=5, returncode=1),   # failed, then rerun
             dict(time=130, node="s1_cluster", seed=0, seconds=8, returncode=0)]
     p.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    total, wall, untimed = study_time(str(p), [("teacher", 0), ("s1_cluster", 0), ("s2", 0)])
+    total, wall, untimed, per_script = study_time(str(p), [("teacher", 0), ("s1_cluster", 0), ("s2", 0)])
     assert total == 18 and wall == 18 and untimed == [("s2", 0)]
+    assert per_script == {"train_teacher.py": 10, "stage1_cluster.py": 8}
 
 
 def fake_metrics(seeds, acc):
@@ -242,3 +243,24 @@ def test_wall_time_is_judged_on_three_seeds_only():
     summ = build_summary(ms, [0], "tiny", "abc", variants=[])
     [(_, verdict, text)] = [c for c in claims(summ, wall_seconds=600) if c[0] == "study wall time <= 60 min"]
     assert verdict == "not measured" and "1 seed" in text
+
+
+def test_late_gamma_from_the_node_logs_explains_an_rspo_equal_to_grpo(tmp_path):
+    out = str(tmp_path)
+    for seed, g in [(0, 0.99), (1, 0.97)]:
+        for algo, node in [("rspo", "s3_rspo"), ("prgrpo", "s3_prgrpo")]:
+            d = node_dir(out, seed, node)
+            os.makedirs(d, exist_ok=True)
+            rows = [dict(step=u, gamma=1.0 if u <= 4 else g) for u in range(1, 7)] + [dict(step=6, final=True)]
+            with open(os.path.join(d, node + ".jsonl"), "w") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in rows))
+    gamma = late_gamma(out, [0, 1])
+    assert gamma == pytest.approx({"rspo": 0.98, "prgrpo": 0.98})  # steps 5, 6 of 6, both seeds
+    assert late_gamma(out, [5]) == {}
+    ms = fake_metrics([0, 1, 2], lambda n, s: 0.3)
+    summ = build_summary(ms, [0, 1, 2], "tiny", "abc")
+    rs = "router shift over the last third: PR-GRPO < RSPO < GRPO"
+    near = {t: x for t, _, x in claims(summ, gamma={"rspo": 0.998})}[rs]
+    far = {t: x for t, _, x in claims(summ, gamma=gamma)}[rs]
+    assert "rspo 0.9980" in near and "behaves as GRPO" in near
+    assert "rspo 0.9800" in far and "behaves as GRPO" not in far
