@@ -331,13 +331,15 @@ def late_gamma(out, seeds):
     for algo in ("rspo", "prgrpo"):
         vals = []
         for s in seeds:
-            path = os.path.join(node_dir(out, s, RS_NODES[algo]), RS_NODES[algo] + ".jsonl")
-            if os.path.exists(path):
+            node = RS_NODES[algo]
+            path = os.path.join(node_dir(out, s, node), node + ".jsonl")
+            if os.path.exists(path) and os.path.exists(ckpt(out, s, node)):  # finished runs only
                 with open(path) as f:
-                    rows = [json.loads(line) for line in f]
-                rows = [r for r in rows if "gamma" in r and not r.get("final")]
-                if rows:
-                    vals += last_third([r["step"] for r in rows], [r["gamma"] for r in rows])
+                    # a resumed run logs its last steps again: the later record of a step wins
+                    by_step = {r["step"]: r["gamma"] for r in map(json.loads, f) if "gamma" in r and not r.get("final")}
+                if by_step:
+                    steps = sorted(by_step)
+                    vals += last_third(steps, [by_step[u] for u in steps])
         if vals:
             res[algo] = sum(vals) / len(vals)
     return res
@@ -379,7 +381,7 @@ def claims(summary, wall_seconds=None, gamma=None, per_script=None):
             text += "; mean RSPO weight gamma over the last third: " + ", ".join(f"{a} {g:.4f}" for a, g in gamma.items())
             if "rspo" in gamma and 1 - gamma["rspo"] < 0.01:
                 text += (" (within 1% of 1: between a rollout and its mu updates the router barely moves, so"
-                         " RSPO's reweighting changes the gradient by less than 1% and RSPO behaves as GRPO)")
+                         " RSPO's reweighting leaves the update nearly unchanged on average and RSPO behaves as GRPO)")
         out.append(("router shift over the last third: PR-GRPO < RSPO < GRPO",
                     verdict(late["prgrpo"] < late["rspo"] < late["grpo"]), text))
     else:

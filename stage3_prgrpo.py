@@ -47,9 +47,10 @@ Simplifications (nanochat-style, all at small scale):
 The updates run on length-sorted micro-batches of about `--micro-tokens` padded tokens each,
 gradients accumulated (`length_buckets`, `policy_loss`): every term above is a sum over tokens
 divided by the whole batch's count, so the step is the full batch's (tested against one
-bucket), without the ~40% padding of a rollout batch padded to its longest row. The exception
-is the Switch loss of Stage IV's `--balance aux` baseline, which is not a sum over tokens:
-each micro-batch's counts by its share of the tokens.
+bucket), without the ~40% padding of a rollout batch padded to its longest row. One term
+needs the batch's expert shares f_e before the backward passes: the Switch loss of Stage IV's
+`--balance aux` baseline, E sum_e f_e P_e, is not a sum over tokens, so with `--w-aux` each
+update first counts f_e in one no-grad pass over the buckets (`expert_share`).
 
 Under torchrun the prompts of a step are split over ranks and each rank rolls out its prompts'
 G samples; a group never straddles ranks, so group-normalised advantages need no gather.
@@ -69,7 +70,7 @@ import data
 import eval_math
 from model import count_params
 from stage1_cluster import teacher_paths
-from stage2_distill import path_kl, switch_aux_loss, token_kl_loss
+from stage2_distill import path_kl, token_kl_loss
 
 PRESETS = {
     "tiny": dict(steps=4, prompts=4, group=4, n_probe=16, n_test=42, rs_every=1, micro_tokens=2048),
@@ -200,11 +201,27 @@ def policy_loss(student, b, args, counts, tok_weight=1.0):
         if args.w_distill > 0:
             loss = loss + args.w_distill * token_kl_loss(b["t_logits"], logits[b["mask"]], beta=0.0).sum() / n
     if args.w_aux > 0:
-        # the Switch loss is not a sum over tokens: each bucket's counts as its share of the valid tokens
+        # Switch loss E sum_e f_e P_e: f_e is the whole batch's (counts["share"]), and P_e, a mean
+        # of router probabilities over the batch's valid tokens, splits into per-bucket sums
         vflat = b["valid"].flatten()
-        aux = sum(switch_aux_loss(f.router_probs[vflat], f.topk_idx[vflat]) for f in student.ffns)
-        loss = loss + args.w_aux * aux * int(vflat.sum()) / counts["valid"]
+        aux = sum(f.router_probs.size(-1) * (share * f.router_probs[vflat].sum(0)).sum()
+                  for share, f in zip(counts["share"], student.ffns))
+        loss = loss + args.w_aux * aux / counts["valid"]
     return loss, gamma
+
+
+@torch.no_grad()
+def expert_share(student, buckets):
+    """Per layer, each expert's share of the top-k selections over the valid tokens of all
+    buckets: the f of the Switch loss, which is not a sum over tokens and so needs a pass of
+    its own before the bucketed backward passes."""
+    counts = None
+    for b in buckets:
+        student(b["idx"])
+        vflat = b["valid"].flatten()
+        c = [torch.bincount(f.topk_idx[vflat].flatten(), minlength=f.router_probs.size(-1)) for f in student.ffns]
+        counts = c if counts is None else [a + n for a, n in zip(counts, c)]
+    return [c.float() / c.sum() for c in counts]
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -307,17 +324,19 @@ def train(args, sample_reward=None, after_rollout=None, before_loop=None):
         tok_weight = common.global_weight(counts["tokens"], device)  # token mean over the global batch
         stats = {}
         for _ in range(args.mu):
+            if args.w_aux > 0:
+                counts["share"] = expert_share(student, buckets)
             opt.zero_grad(set_to_none=True)
             loss, gammas = 0.0, []
             for b in buckets:  # gradient accumulation: each bucket's loss is its share of the batch's
                 part, gamma = policy_loss(student, b, args, counts, tok_weight)
                 part.backward()
-                loss += part.item()
+                loss += part.detach()  # no .item() per bucket: on CUDA that is a sync each time
                 gammas.append(gamma)
             common.sync_grads(student)
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             opt.step()
-            stats = dict(loss=loss, gamma=float(torch.cat(gammas).mean()) if gammas[0] is not None else 1.0)
+            stats = dict(loss=float(loss), gamma=float(torch.cat(gammas).mean()) if gammas[0] is not None else 1.0)
         acc, mean_reward = (float(v) / common.world() for v in
                             common.all_reduce(torch.tensor([float(ro["correct"].mean()), float(rewards.mean())], device=device)))
         rewards_curve.append(acc)

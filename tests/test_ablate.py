@@ -253,9 +253,12 @@ def test_late_gamma_from_the_node_logs_explains_an_rspo_equal_to_grpo(tmp_path):
             os.makedirs(d, exist_ok=True)
             rows = [dict(step=u, gamma=1.0 if u <= 4 else g) for u in range(1, 7)] + [dict(step=6, final=True)]
             with open(os.path.join(d, node + ".jsonl"), "w") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in rows))
+                f.write("".join(json.dumps(r) + "\n" for r in rows[:4] + [dict(step=5, gamma=0.5)] + rows[4:]))
+            if seed == 0 or algo == "rspo":
+                open(ckpt(out, seed, node), "w").close()
+    # step 5 was logged twice (a resume): the later record counts; prgrpo of seed 1 never finished
     gamma = late_gamma(out, [0, 1])
-    assert gamma == pytest.approx({"rspo": 0.98, "prgrpo": 0.98})  # steps 5, 6 of 6, both seeds
+    assert gamma == pytest.approx({"rspo": 0.98, "prgrpo": 0.99})  # steps 5, 6 of 6; prgrpo seed 0 only
     assert late_gamma(out, [5]) == {}
     ms = fake_metrics([0, 1, 2], lambda n, s: 0.3)
     summ = build_summary(ms, [0, 1, 2], "tiny", "abc")

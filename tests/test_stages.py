@@ -12,8 +12,8 @@ from model import GPT, GPTConfig, count_params
 from stage1_cluster import (balanced_assign, balanced_kmeans, build_student, decompress, expert_neurons,
                             neuron_profiles, teacher_path)
 from stage2_distill import adaptive_lambda, path_kl, switch_aux_loss, token_kl_loss
-from stage3_prgrpo import (bucket, clipped_surrogate, group_advantages, length_buckets, policy_loss, router_shift,
-                           router_shift_weight, token_logprobs)
+from stage3_prgrpo import (bucket, clipped_surrogate, expert_share, group_advantages, length_buckets, policy_loss,
+                           router_shift, router_shift_weight, token_logprobs)
 from stage4_balance import balance_reward, bias_update, calibrate_bias, sample_load
 from eval_math import max_vio
 
@@ -194,10 +194,9 @@ def test_length_buckets_cover_every_row_once_and_cut_the_padding():
     assert len(length_buckets(lengths, max_tokens=10_000)) == 1
 
 
-@pytest.mark.parametrize("algo", ["grpo", "rspo", "prgrpo"])
-def test_bucketed_policy_loss_has_the_full_batch_gradient(algo):
-    # the updates run on length-sorted micro-batches; their summed gradient must be the one
-    # the whole padded batch gives (the slow reference: one bucket holding every row)
+def small_rollout():
+    """A tiny MoE student and a rollout-like batch of six rows of different lengths, the policy
+    moved a little since (so ratios and gamma differ from 1)."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, n_expert=4, top_k=2))
     lens = [(3, 9), (5, 2), (4, 14), (2, 6), (6, 11), (3, 3)]
@@ -211,23 +210,35 @@ def test_bucketed_policy_loss_has_the_full_batch_gradient(algo):
                   logg_old=[f.router_probs[mflat].log() for f in model.ffns],
                   topk_old=[f.topk_idx[mflat] for f in model.ffns],
                   sample_of_token=torch.arange(len(lens))[:, None].expand_as(targets)[targets >= 0])
-        for p in model.parameters():  # the policy has moved since the rollout: ratios and gamma != 1
+        for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    n = int(mflat.sum())
-    tok_adv = torch.randn(len(lens))[ro["sample_of_token"]]
+    return model, ro
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rspo", "prgrpo"])
+def test_bucketed_policy_loss_has_the_full_batch_gradient(algo):
+    # the updates run on length-sorted micro-batches; their summed gradient must be the one
+    # the whole padded batch gives (the slow reference: one bucket holding every row)
+    model, ro = small_rollout()
+    valid, n = ro["valid"], len(ro["logp_old"])
+    tok_adv = torch.randn(valid.size(0))[ro["sample_of_token"]]
     extra = dict(t_logits=torch.randn(n, 64), p_t=[torch.softmax(torch.randn(n, 4), -1) for _ in range(2)],
                  ref_logp=-torch.rand(n))
     args = argparse.Namespace(algo=algo, gamma_min=0.5, clip=0.2, w_ref=0.1, w_anchor=0.5, w_align=0.3,
-                              w_distill=0.2, w_aux=0.0)
+                              w_distill=0.2, w_aux=0.4)
     counts = dict(tokens=n, good=int((tok_adv > 0).sum()), valid=int(valid.sum()))
 
     def grads(max_tokens):
-        model.zero_grad()
-        total = 0.0
+        buckets = []
         for rows, T in length_buckets(valid.sum(1).tolist(), max_tokens):
             b = bucket(ro, tok_adv, rows, T)
             b.update(t_logits=extra["t_logits"][b["pos"]], p_t=[p[b["pos"]] for p in extra["p_t"]],
                      ref_logp=extra["ref_logp"][b["pos"]])
+            buckets.append(b)
+        counts["share"] = expert_share(model, buckets)
+        model.zero_grad()
+        total = 0.0
+        for b in buckets:
             loss, _ = policy_loss(model, b, args, counts)
             loss.backward()
             total += loss.item()
@@ -240,6 +251,23 @@ def test_bucketed_policy_loss_has_the_full_batch_gradient(algo):
     assert len(g_split) == len(g_full)
     for a, b in zip(g_split, g_full):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_bucketed_switch_loss_is_the_full_batch_switch_loss():
+    # the one term that is not a sum over tokens: against stage2's switch_aux_loss on the whole batch
+    model, ro = small_rollout()
+    valid = ro["valid"]
+    tok_adv = torch.zeros(len(ro["logp_old"]))  # A = 0: the surrogate is 0, the loss is the Switch term
+    args = argparse.Namespace(algo="grpo", clip=0.2, w_aux=1.0)
+    buckets = [bucket(ro, tok_adv, rows, T) for rows, T in length_buckets(valid.sum(1).tolist(), 40)]
+    counts = dict(tokens=len(tok_adv), good=0, valid=int(valid.sum()), share=expert_share(model, buckets))
+    got = sum(policy_loss(model, b, args, counts)[0] for b in buckets)
+    with torch.no_grad():
+        model(ro["idx"])
+    vflat = valid.flatten()
+    want = sum(switch_aux_loss(f.router_probs[vflat], f.topk_idx[vflat]) for f in model.ffns)
+    assert float(got.detach()) == pytest.approx(float(want), rel=1e-5)
+    assert sum(float(c.sum()) for c in counts["share"]) == pytest.approx(len(model.ffns))
 
 
 # ----------------------------------------------------------------------------- Stage IV
