@@ -27,7 +27,7 @@ so an interrupted study continues where it stopped (and each script's own `--res
 a half-finished node).
 
     python ablate.py                          # the study: default preset, seeds 0 1 2
-    python ablate.py --quick                  # tiny preset, ~10 min, into out/ablate_quick, results_quick/
+    python ablate.py --quick                  # tiny preset, ~4 min, into out/ablate_quick, results_quick/
     python ablate.py --variants padd kd_only  # only these variants (and what they start from)
     python ablate.py --report-only            # redraw summary, figures and RESULTS.md from the checkpoints
 
@@ -117,7 +117,7 @@ parser.add_argument("--out", help="checkpoints and logs (default: out/ablate; --
 parser.add_argument("--results", help="folder for summary.json and figures/ (default: results; --quick: results_quick)")
 parser.add_argument("--md", help="the generated write-up (default: RESULTS.md; --quick: RESULTS_quick.md)")
 parser.add_argument("--jobs", type=int, default=2, help="subprocesses at once, each with OMP_NUM_THREADS=1 (the teacher, which runs alone, with --jobs)")
-parser.add_argument("--quick", action="store_true", help="tiny preset into separate folders: checks the machinery in ~10 min")
+parser.add_argument("--quick", action="store_true", help="tiny preset into separate folders: checks the machinery in ~4 min")
 parser.add_argument("--report-only", action="store_true", help="run nothing; rebuild summary, figures and markdown")
 parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="NAME",
                     help=f"run and report only these (default: all): {', '.join(VARIANTS)}")
