@@ -65,6 +65,8 @@ def setup(args, presets, stage):
     for k, v in presets[args.preset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    if getattr(args, "n_test", 1) < 1:
+        raise UserError(f"--n-test {args.n_test}: every stage grades at least one test problem")
     device = pick_device(args.device)
     init_distributed(device)
     seed_all(args.seed)  # the same on every rank: models start identical, batches are drawn alike

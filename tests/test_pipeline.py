@@ -83,16 +83,17 @@ def test_logs_and_table(smoke):
     assert [row.split()[0] for row in last] == STAGES
 
 
-@pytest.mark.parametrize("script,inp,what", [
-    ("stage2_distill.py", "teacher.pt", "dense model"),      # dense where a student is expected
-    ("stage1_cluster.py", "stage2.pt", "MoE student"),       # student where the teacher is expected
-    ("stage3_prgrpo.py", "nope.pt", "not found"),            # a wrong path
+@pytest.mark.parametrize("script,inp,what,extra", [
+    ("stage2_distill.py", "teacher.pt", "dense model", []),      # dense where a student is expected
+    ("stage1_cluster.py", "stage2.pt", "MoE student", []),       # student where the teacher is expected
+    ("stage3_prgrpo.py", "nope.pt", "not found", []),            # a wrong path
+    ("stage1_cluster.py", "teacher.pt", "--n-test", ["--n-test", "0"]),  # nothing to grade
 ])
-def test_user_error_is_one_line_and_harmless(smoke, tmp_path, script, inp, what):
+def test_user_error_is_one_line_and_harmless(smoke, tmp_path, script, inp, what, extra):
     d, _ = smoke
     out = tmp_path / "existing.pt"
     out.write_bytes(b"an earlier checkpoint")
-    r = run(script, "--preset", "tiny", "--in", str(d / inp), "--out", str(out), check=False)
+    r = run(script, "--preset", "tiny", "--in", str(d / inp), "--out", str(out), *extra, check=False)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and what in r.stderr
