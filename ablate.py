@@ -153,8 +153,9 @@ def node_dir(out, seed, node):
     return out if node == "teacher" else os.path.join(out, f"seed{seed}")
 
 
-def ckpt(out, seed, node):
-    return os.path.join(node_dir(out, seed, node), f"{node}.pt")
+def ckpt(out, seed, node, ext=".pt"):
+    """A node's checkpoint, or with ext its output log (.log) or metrics log (.jsonl)."""
+    return os.path.join(node_dir(out, seed, node), node + ext)
 
 
 def jobs_of(nodes, seeds, out):
@@ -332,7 +333,7 @@ def late_gamma(out, seeds):
         vals = []
         for s in seeds:
             node = RS_NODES[algo]
-            path = os.path.join(node_dir(out, s, node), node + ".jsonl")
+            path = ckpt(out, s, node, ".jsonl")
             if os.path.exists(path) and os.path.exists(ckpt(out, s, node)):  # finished runs only
                 with open(path) as f:
                     # a resumed run logs its last steps again: the later record of a step wins
@@ -599,12 +600,11 @@ def main():
 
         def run_node(node, seed):
             script, *rest = command(node, seed, args.preset, args.out)
-            d = node_dir(args.out, seed, node)
-            os.makedirs(d, exist_ok=True)
+            os.makedirs(node_dir(args.out, seed, node), exist_ok=True)
             # a metrics log per node (the three Stage III runs of a seed would otherwise share
             # stage3.jsonl), and --resume so a node killed halfway continues from its last save
-            rest += ["--log", os.path.join(d, f"{node}.jsonl"), "--resume"]
-            with open(os.path.join(d, f"{node}.log"), "w") as f:
+            rest += ["--log", ckpt(args.out, seed, node, ".jsonl"), "--resume"]
+            with open(ckpt(args.out, seed, node, ".log"), "w") as f:
                 return subprocess.run([sys.executable, os.path.join(HERE, script)] + rest, stdout=f,
                                       stderr=subprocess.STDOUT, env=env[node]).returncode
 
@@ -616,12 +616,12 @@ def main():
         failed = schedule(nodes, seeds, args.out, run_node, args.jobs, on_done)
         bar.close()
         for node, seed, rc in failed:
-            log = os.path.join(node_dir(args.out, seed, node), f"{node}.log")
+            log = ckpt(args.out, seed, node, ".log")
             print(f"--- {node} (seed {seed}), the end of {log}:\n{log_tail(log)}", file=sys.stderr)
         if failed:
             node, seed, rc = failed[0]
             raise common.UserError(f"{node} (seed {seed}) " + (f"exited with status {rc}" if rc is not None else
-                                   "wrote no checkpoint") + f"; see {os.path.join(node_dir(args.out, seed, node), node + '.log')}")
+                                   "wrote no checkpoint") + f"; see {ckpt(args.out, seed, node, '.log')}")
 
     metrics = {(n, s): common.load_checkpoint(ckpt(args.out, s, n))["metrics"]
                for n, s in keys if os.path.exists(ckpt(args.out, s, n))}
