@@ -31,6 +31,16 @@ a half-finished node).
     python ablate.py --variants padd kd_only  # only these variants (and what they start from)
     python ablate.py --report-only            # redraw summary, figures and RESULTS.md from the checkpoints
 
+A sweep over one stage's flags is the same runner with `--extra`, into its own folders; with
+`--reuse` the nodes the extra flags cannot change (here the teacher, Stages I and II) are
+linked from an earlier study instead of recomputed:
+
+    python ablate.py --variants vanilla_grpo rspo no_stage4 --extra stage3="--mu 4" \
+        --reuse out/ablate --out out/ablate_mu4 --results results_mu4 --md RESULTS_mu4.md
+
+Every `<out>` records its preset and extra flags in `<out>/plan.json`, and a run whose plan
+differs is refused: a checkpoint made under other flags would otherwise be skipped as done.
+
 Writes `<results>/summary.json`, `<results>/figures/*.png` and `--md` (RESULTS.md); every
 finished node appends {node, seed, seconds, returncode, time} to `<out>/ablate.jsonl` and its
 output to `<out>/seed<S>/<node>.log`.
@@ -101,6 +111,10 @@ VARIANTS = {
     "no_stage4":    ("s3_prgrpo",       "no balancing phase: I -> II -> III"),
 }
 
+# --extra names a stage by these; its flags go to every node of that script
+STAGES = {"teacher": "train_teacher.py", "stage1": "stage1_cluster.py", "stage2": "stage2_distill.py",
+          "stage3": "stage3_prgrpo.py", "stage4": "stage4_balance.py"}
+
 # the Stage III runs whose router-shift curves are Figures 4 and 5
 RS_NODES = {"grpo": "s3_grpo", "rspo": "s3_rspo", "prgrpo": "s3_prgrpo"}
 
@@ -119,6 +133,9 @@ parser.add_argument("--md", help="the generated write-up (default: RESULTS.md; -
 parser.add_argument("--jobs", type=int, default=2, help="subprocesses at once, each with OMP_NUM_THREADS=1 (the teacher, which runs alone, with --jobs)")
 parser.add_argument("--quick", action="store_true", help="tiny preset into separate folders: checks the machinery in ~4 min")
 parser.add_argument("--report-only", action="store_true", help="run nothing; rebuild summary, figures and markdown")
+parser.add_argument("--extra", action="append", default=[], metavar="STAGE=FLAGS",
+                    help=f'flags added to every node of a stage, e.g. stage3="--mu 4" (stages: {", ".join(STAGES)}); repeatable')
+parser.add_argument("--reuse", metavar="DIR", help="link the checkpoints that --extra cannot change from this earlier --out")
 parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="NAME",
                     help=f"run and report only these (default: all): {', '.join(VARIANTS)}")
 
@@ -170,15 +187,71 @@ def jobs_of(nodes, seeds, out):
     return keys
 
 
-def command(node, seed, preset, out):
-    """The node's command line, script first (the caller puts the interpreter in front)."""
+def command(node, seed, preset, out, extra=None):
+    """The node's command line, script first (the caller puts the interpreter in front);
+    extra: {script: [flags]} from --extra, added last so that they win."""
     script, inp, flags = NODES[node]
     cmd = [script, "--preset", preset, "--seed", str(seed)]
     if inp is not None:
         cmd += ["--in", ckpt(out, seed, inp)]
     if inp not in (None, "teacher"):
         cmd += ["--teacher", ckpt(out, seed, "teacher")]
-    return cmd + ["--out", ckpt(out, seed, node)] + flags
+    return cmd + ["--out", ckpt(out, seed, node)] + flags + (extra or {}).get(script, [])
+
+
+def parse_extra(items):
+    """--extra's ["stage3=--mu 4", ...] -> {"stage3_prgrpo.py": ["--mu", "4"], ...}."""
+    extra = {}
+    for item in items:
+        stage, sep, flags = item.partition("=")
+        if not sep or stage not in STAGES:
+            raise common.UserError(f"--extra {item!r}: expected STAGE=FLAGS with STAGE one of {', '.join(STAGES)}")
+        extra[STAGES[stage]] = extra.get(STAGES[stage], []) + shlex.split(flags)
+    return extra
+
+
+def touched(node, extra):
+    """Whether --extra can change the node's checkpoint: its own script's flags or an input's."""
+    return NODES[node][0] in extra or any(touched(i, extra) for i in inputs(node))
+
+
+def check_plan(out, plan, write):
+    """Refuse an <out> made under another preset or other extra flags (its checkpoints would be
+    skipped as done); record the plan in a fresh one when `write`."""
+    path = os.path.join(out, "plan.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != plan:
+            raise common.UserError(f"{out} was run with {old}, not {plan}: give another --out")
+    elif write:
+        os.makedirs(out, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(plan, f)
+
+
+def check_reuse(src, preset, nodes):
+    """What --reuse links must come from the same preset, without extra flags of its own."""
+    path, old = os.path.join(src, "plan.json"), {"preset": preset, "extra": {}}  # older studies kept no plan
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    bad = sorted({NODES[n][0] for n in nodes} & set(old["extra"]))
+    if old["preset"] != preset or bad:
+        raise common.UserError(f"--reuse {src} was run with {old}: its {', '.join(bad) or 'preset'} differs from this run's")
+
+
+def link_reused(nodes, seeds, out, src, extra):
+    """Symlink src's checkpoint of every node --extra cannot change into out, where out has
+    none yet. Returns how many were linked."""
+    n = 0
+    for node, seed in jobs_of(nodes, seeds, out):
+        have, dst = ckpt(src, seed, node), ckpt(out, seed, node)
+        if not touched(node, extra) and os.path.exists(have) and not os.path.lexists(dst):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.symlink(os.path.abspath(have), dst)
+            n += 1
+    return n
 
 
 def schedule(nodes, seeds, out, run_node, jobs, on_done=lambda node, seed, rc, seconds: None):
@@ -540,7 +613,7 @@ def markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, md_pa
                  + f" | {d['max_vio']:.3f} | {d['active_params']:,} | {d['total_params']:,} |")
     missing = [v for v in VARIANTS if v not in var]
     if missing:
-        L += ["", f"Not (yet) run for every seed: {', '.join(missing)}."]
+        L += ["", f"Not run, or not for every seed: {', '.join(missing)}."]
     L += ["", "MaxVio: max_e load_e / mean_e load_e - 1 on the test generations, mean over layers and seeds.", ""]
     captions = {"ablation_bars": "Accuracy per variant and per subdomain (the paper's Figure 2).",
                 "heatmaps": f"Subdomain x expert share of routed tokens, seed {seeds[0]}: the teacher's clusters "
@@ -588,6 +661,16 @@ def main():
     nodes = ancestors(variants)
     jsonl = os.path.join(args.out, "ablate.jsonl")
     keys = jobs_of(nodes, seeds, args.out)  # the shared teacher once, under the first seed
+    extra = parse_extra(args.extra)
+    plan = {"preset": args.preset, "extra": extra}
+    check_plan(args.out, plan, write=not args.report_only)
+    if args.reuse:
+        if not os.path.isdir(args.reuse) or os.path.abspath(args.reuse) == os.path.abspath(args.out):
+            raise common.UserError(f"--reuse {args.reuse}: not a folder other than --out")
+        check_reuse(args.reuse, args.preset, [n for n in nodes if not touched(n, extra)])
+
+    if args.reuse and not args.report_only:
+        print(f"linked {link_reused(nodes, seeds, args.out, args.reuse, extra)} checkpoints from {args.reuse}")
 
     if not args.report_only:
         # single-threaded processes side by side: at our matrix sizes two processes on two
@@ -599,7 +682,7 @@ def main():
         bar = tqdm(total=todo, desc="ablate", unit="node", disable=not todo)
 
         def run_node(node, seed):
-            script, *rest = command(node, seed, args.preset, args.out)
+            script, *rest = command(node, seed, args.preset, args.out, extra)
             os.makedirs(node_dir(args.out, seed, node), exist_ok=True)
             # a metrics log per node (the three Stage III runs of a seed would otherwise share
             # stage3.jsonl), and --resume so a node killed halfway continues from its last save
@@ -638,7 +721,8 @@ def main():
     verdicts = claims(summary, times[1] if complete else None, late_gamma(args.out, seeds), times[3])
     shown = [a for a in sys.argv[1:] if a != "--report-only"]
     cmd_line = " ".join(["python ablate.py"] + [shlex.quote(a) for a in shown])
-    node_cmds = [" ".join(["python"] + [shlex.quote(a) for a in command(n, seeds[0], args.preset, args.out)]) for n in nodes]
+    node_cmds = [" ".join(["python"] + [shlex.quote(a) for a in command(n, seeds[0], args.preset, args.out, extra)])
+                 for n in nodes]
     with open(args.md, "w") as f:
         f.write(markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, args.md))
     print(f"wrote {os.path.join(args.results, 'summary.json')}, {len(figs)} figures in "

@@ -267,3 +267,57 @@ def test_late_gamma_from_the_node_logs_explains_an_rspo_equal_to_grpo(tmp_path):
     far = {t: x for t, _, x in claims(summ, gamma=gamma)}[rs]
     assert "rspo 0.9980" in near and "behaves as GRPO" in near
     assert "rspo 0.9800" in far and "behaves as GRPO" not in far
+
+
+# ----------------------------------------------------------------------------- sweeps: --extra, --reuse
+
+def test_extra_flags_reach_every_node_of_their_stage_and_nothing_else():
+    extra = ablate.parse_extra(["stage3=--mu 4", "stage3=--lr 2e-4", "stage4=--steps 3"])
+    assert extra == {"stage3_prgrpo.py": ["--mu", "4", "--lr", "2e-4"], "stage4_balance.py": ["--steps", "3"]}
+    assert command("s3_rspo", 0, "tiny", "o", extra)[-6:] == ["--algo", "rspo", "--mu", "4", "--lr", "2e-4"]
+    assert command("s2", 0, "tiny", "o", extra) == command("s2", 0, "tiny", "o")
+    # what an extra flag can change: its stage's nodes and everything downstream of them
+    assert [n for n in NODES if ablate.touched(n, extra)] == [n for n in NODES if NODES[n][0] in
+                                                             ("stage3_prgrpo.py", "stage4_balance.py")]
+    assert [n for n in NODES if ablate.touched(n, ablate.parse_extra(["stage2=--steps 9"]))] == [
+        "s2", "s2_random", "s3_prgrpo", "s3_grpo", "s3_rspo", "s3_prgrpo_random", "s4", "s4_nos3", "s4_random"]
+    for bad in ["stage5=--mu 4", "--mu 4", "mu=4"]:
+        with pytest.raises(common.UserError, match="STAGE=FLAGS"):
+            ablate.parse_extra([bad])
+
+
+def test_an_out_folder_keeps_its_plan(tmp_path):
+    out = str(tmp_path / "o")
+    plain, mu4 = {"preset": "tiny", "extra": {}}, {"preset": "tiny", "extra": {"stage3_prgrpo.py": ["--mu", "4"]}}
+    ablate.check_plan(out, plain, write=False)  # nothing there, nothing written
+    assert not os.path.exists(out)
+    ablate.check_plan(out, plain, write=True)
+    ablate.check_plan(out, plain, write=True)  # the same plan again: fine
+    for other in (mu4, {"preset": "default", "extra": {}}):
+        with pytest.raises(common.UserError, match="give another --out"):
+            ablate.check_plan(out, other, write=True)
+
+
+def test_reuse_links_only_what_the_extra_flags_cannot_change(tmp_path):
+    src, out = str(tmp_path / "plain"), str(tmp_path / "mu4")
+    nodes = ancestors(["rspo", "padd"])
+    for node, seed in ablate.jobs_of(nodes, [0, 1], src):
+        os.makedirs(os.path.dirname(ckpt(src, seed, node)), exist_ok=True)
+        with open(ckpt(src, seed, node), "w") as f:
+            f.write(f"{node} {seed}")
+    extra = ablate.parse_extra(["stage3=--mu 4"])
+    ablate.check_reuse(src, "tiny", nodes)  # an older study without plan.json counts as plain
+    assert ablate.link_reused(nodes, [0, 1], out, src, extra) == 1 + 2 * 2  # teacher; s1_cluster and s2 per seed
+    with open(ckpt(out, 1, "s2")) as f:
+        assert f.read() == "s2 1"
+    assert not os.path.exists(ckpt(out, 0, "s3_rspo")) and not os.path.exists(ckpt(out, 0, "s4"))
+    assert ablate.link_reused(nodes, [0, 1], out, src, extra) == 0  # already there
+    ablate.check_plan(src, {"preset": "tiny", "extra": {"stage2_distill.py": ["--steps", "9"]}}, write=True)
+    with pytest.raises(common.UserError, match="stage2_distill.py"):
+        ablate.check_reuse(src, "tiny", [n for n in nodes if not ablate.touched(n, extra)])
+    # a sweep's own folder can be reused in turn for what its flags did not touch, same preset only
+    ablate.check_plan(out, {"preset": "tiny", "extra": extra}, write=True)
+    plain_nodes = [n for n in nodes if not ablate.touched(n, extra)]
+    ablate.check_reuse(out, "tiny", plain_nodes)
+    with pytest.raises(common.UserError, match="preset"):
+        ablate.check_reuse(out, "default", plain_nodes)
