@@ -215,27 +215,30 @@ def touched(node, extra):
     return NODES[node][0] in extra or any(touched(i, extra) for i in inputs(node))
 
 
+def read_plan(out):
+    """<out>/plan.json: the preset and --extra flags its checkpoints were made with (None if absent)."""
+    path = os.path.join(out, "plan.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def check_plan(out, plan, write):
     """Refuse an <out> made under another preset or other extra flags (its checkpoints would be
     skipped as done); record the plan in a fresh one when `write`."""
-    path = os.path.join(out, "plan.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old != plan:
-            raise common.UserError(f"{out} was run with {old}, not {plan}: give another --out")
-    elif write:
+    old = read_plan(out)
+    if old is not None and old != plan:
+        raise common.UserError(f"{out} was run with {old}, not {plan}: give another --out")
+    if old is None and write:
         os.makedirs(out, exist_ok=True)
-        with open(path, "w") as f:
+        with open(os.path.join(out, "plan.json"), "w") as f:
             json.dump(plan, f)
 
 
 def check_reuse(src, preset, nodes):
-    """What --reuse links must come from the same preset, without extra flags of its own."""
-    path, old = os.path.join(src, "plan.json"), {"preset": preset, "extra": {}}  # older studies kept no plan
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    """What --reuse links (nodes) must come from the same preset, without extra flags of its own."""
+    old = read_plan(src) or {"preset": preset, "extra": {}}  # studies older than plan.json were plain
     bad = sorted({NODES[n][0] for n in nodes} & set(old["extra"]))
     if old["preset"] != preset or bad:
         raise common.UserError(f"--reuse {src} was run with {old}: its {', '.join(bad) or 'preset'} differs from this run's")
