@@ -62,6 +62,7 @@ Deviations and caveats:
 
 import argparse
 import concurrent.futures
+import glob
 import json
 import math
 import os
@@ -402,7 +403,8 @@ def study_time(jsonl, keys):
 
 
 def late_gamma(out, seeds):
-    """{algo: mean router-shift weight gamma over the last third of Stage III, pooled over seeds}
+    """{algo: mean router-shift weight gamma over the last third of Stage III, pooled over seeds;
+    a step logs the mean over tokens at its last of mu updates, where the router has moved most}
     from the node logs, for the algorithms that have one (rspo, prgrpo)."""
     res = {}
     for algo in ("rspo", "prgrpo"):
@@ -455,7 +457,7 @@ def claims(summary, wall_seconds=None, gamma=None, per_script=None):
             late[a] = sum(vals) / len(vals)
         text = ", ".join(f"{a} {late[a]:.4f}" for a in ("prgrpo", "rspo", "grpo"))
         if gamma:
-            text += "; mean RSPO weight gamma over the last third: " + ", ".join(f"{a} {g:.4f}" for a, g in gamma.items())
+            text += "; mean RSPO weight gamma over the last third (each step's last of its mu updates): " + ", ".join(f"{a} {g:.4f}" for a, g in gamma.items())
             if "rspo" in gamma and 1 - gamma["rspo"] < 0.01:
                 text += (" (within 1% of 1: between a rollout and its mu updates the router barely moves, so"
                          " RSPO's reweighting leaves the update nearly unchanged on average and RSPO behaves as GRPO)")
@@ -586,7 +588,7 @@ def plot_all(summary, metrics, fig_dir):
 
 # ----------------------------------------------------------------------------- RESULTS.md
 
-def markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, md_path):
+def markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, md_path, sweeps=()):
     seeds, var = summary["seeds"], summary["variants"]
     subs = list(dict.fromkeys(s for d in var.values() for s in d["per_subdomain"]))
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
@@ -635,6 +637,11 @@ def markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, md_pa
           f"Judged on the means over seeds {seeds}; the ± in the table says how much of a gap is noise.", ""]
     for target, verdict, numbers in verdicts:
         L.append(f"- {target}: {verdict} ({numbers}).")
+    if sweeps:
+        L += ["", "## Sweeps", "", "Runs of this study with a stage's flags changed (`--extra`), each written up on its own:", ""]
+        for path in sweeps:
+            rel = os.path.relpath(path, os.path.dirname(os.path.abspath(md_path)))
+            L.append(f"- [{rel}]({rel})")
     return "\n".join(L) + "\n"
 
 
@@ -727,7 +734,10 @@ def main():
     node_cmds = [" ".join(["python"] + [shlex.quote(a) for a in command(n, seeds[0], args.preset, args.out, extra)])
                  for n in nodes]
     with open(args.md, "w") as f:
-        f.write(markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, args.md))
+        # sweeps written into subfolders of --results (e.g. results/mu4/RESULTS.md) get a link
+        sweeps = sorted(p for p in glob.glob(os.path.join(args.results, "*", "RESULTS.md"))
+                        if os.path.abspath(p) != os.path.abspath(args.md))
+        f.write(markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, args.md, sweeps))
     print(f"wrote {os.path.join(args.results, 'summary.json')}, {len(figs)} figures in "
           f"{os.path.join(args.results, 'figures')}, {args.md}")
     for target, verdict, numbers in verdicts:

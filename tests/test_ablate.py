@@ -321,3 +321,14 @@ def test_reuse_links_only_what_the_extra_flags_cannot_change(tmp_path):
     ablate.check_reuse(out, "tiny", plain_nodes)
     with pytest.raises(common.UserError, match="preset"):
         ablate.check_reuse(out, "default", plain_nodes)
+
+
+def test_the_write_up_links_the_sweeps_beside_it(tmp_path):
+    ms = fake_metrics([0, 1, 2], lambda n, s: 0.3)
+    summ = build_summary(ms, [0, 1, 2], "tiny", "abc")
+    md = str(tmp_path / "RESULTS.md")
+    args = (summ, ms, claims(summ), "python ablate.py", [], (60.0, 30.0, [], {}), {}, md)
+    text = ablate.markdown(*args, sweeps=[str(tmp_path / "results" / "mu4" / "RESULTS.md")])
+    assert "## Sweeps" in text and f"- [{os.path.join('results', 'mu4', 'RESULTS.md')}]" in text
+    assert "## Sweeps" not in ablate.markdown(*args)
+    assert "| padd | Stages I-IV (PADD) | 30.0 ± 0.0 |" in text
