@@ -36,7 +36,9 @@ A sweep over one stage's flags is the same runner with `--extra`, into its own f
 linked from an earlier study instead of recomputed:
 
     python ablate.py --variants vanilla_grpo rspo no_stage4 --extra stage3="--mu 4" \
-        --reuse out/ablate --out out/ablate_mu4 --results results_mu4 --md RESULTS_mu4.md
+        --reuse out/ablate --out out/ablate_mu4 --results results/mu4 --md results/mu4/RESULTS.md
+
+(A write-up in a subfolder of results/ gets a link from RESULTS.md at its next redraw.)
 
 Every `<out>` records its preset and extra flags in `<out>/plan.json`, and a run whose plan
 differs is refused: a checkpoint made under other flags would otherwise be skipped as done.
@@ -679,10 +681,9 @@ def main():
             raise common.UserError(f"--reuse {args.reuse}: not a folder other than --out")
         check_reuse(args.reuse, args.preset, [n for n in nodes if not touched(n, extra)])
 
-    if args.reuse and not args.report_only:
-        print(f"linked {link_reused(nodes, seeds, args.out, args.reuse, extra)} checkpoints from {args.reuse}")
-
     if not args.report_only:
+        if args.reuse:
+            print(f"linked {link_reused(nodes, seeds, args.out, args.reuse, extra)} checkpoints from {args.reuse}")
         # single-threaded processes side by side: at our matrix sizes two processes on two
         # cores get more done than one process with two threads. The teacher is the exception:
         # every other node waits on it, so it runs alone and gets all --jobs threads.

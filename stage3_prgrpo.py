@@ -39,7 +39,11 @@ Simplifications (nanochat-style, all at small scale):
 - the reference for the KL term is the Stage II student, frozen;
 - old log-probs and old router distributions come from one no-grad forward before the updates
   (numerically the sampling policy: same weights);
-- prompts come from the training split; evaluation is greedy pass@1 on the test split.
+- prompts come from the training split; evaluation is greedy pass@1 on the test split;
+- mu = 2 full-batch updates per rollout, not the many minibatch updates of the RSPO paper. At
+  our scale RSPO's gamma stays within ~1% of 1 for any mu tried (2, 4, 8), so RSPO's router
+  shift equals GRPO's; GRPO and RSPO lose accuracy as mu grows while PR-GRPO holds (README,
+  "Sweeps": the ablate.py --extra stage3="--mu M" runs).
 
     python stage3_prgrpo.py --in out/default/stage2.pt --out out/default/stage3.pt --algo prgrpo
     torchrun --standalone --nproc_per_node=2 stage3_prgrpo.py --in out/default/stage2.pt --out out/default/stage3.pt
