@@ -15,16 +15,16 @@ The variants, each the last checkpoint of a chain of the existing stage scripts:
     no_stage3       I -> II -> IV                                         s4_nos3
     no_stage4       I -> II -> III                                        s3_prgrpo
 
-plus the dense teacher every chain starts from. The teacher is trained once, with the first
-seed, into <out>/teacher.pt and shared by every seed: a distillation study asks how the
-student pipeline varies, and one fixed teacher keeps its variance out of every comparison
-(and saves two of the longest runs). Shared prefixes run once per seed, so a seed is 15
-subprocesses (NODES below), each `python <stage script> --preset P --seed S --in ...
---out <out>/seed<S>/<node>.pt`. Up to `--jobs` of them run at once, each single-threaded, and a
-node starts as soon as its input checkpoints exist (the teacher, which nothing can run beside,
-gets `--jobs` threads). A node whose checkpoint exists is skipped,
-so an interrupted study continues where it stopped (and each script's own `--resume` picks up
-a half-finished node).
+plus the dense teacher every chain starts from, trained once per seed: seed S's chains start
+from seed S's teacher. Teachers are not interchangeable at this scale (the same recipe, seed
+and code gave 45.3% on one machine and 33.6% on another, where the CPU's kernels round
+differently), so a claim about student vs teacher has to average over teachers as well, and
+each seed's variants share their teacher, so differences between variants stay paired.
+Shared prefixes run once per seed, so a seed is 16 subprocesses (NODES below), each
+`python <stage script> --preset P --seed S --in ... --out <out>/seed<S>/<node>.pt`. Up to
+`--jobs` of them run at once, each single-threaded, and a node starts as soon as its input
+checkpoints exist. A node whose checkpoint exists is skipped, so an interrupted study
+continues where it stopped (and each script's own `--resume` picks up a half-finished node).
 
     python ablate.py                          # the study: default preset, seeds 0 1 2
     python ablate.py --quick                  # tiny preset, ~4 min, into out/ablate_quick, results_quick/
@@ -81,7 +81,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------- the study
 # node -> (script, the checkpoint it starts from, extra flags). Stages II-IV also get the
-# teacher as --teacher. Checkpoints live in <out>/seed<S>/<node>.pt, the teacher in <out>/teacher.pt.
+# seed's teacher as --teacher. Checkpoints live in <out>/seed<S>/<node>.pt, the teacher's too.
 NODES = {
     "teacher":            ("train_teacher.py",  None,                 []),
     "s1_cluster":         ("stage1_cluster.py", "teacher",            ["--init", "cluster"]),
@@ -133,7 +133,7 @@ parser.add_argument("--preset", choices=["tiny", "default"], help="budget preset
 parser.add_argument("--out", help="checkpoints and logs (default: out/ablate; --quick: out/ablate_quick)")
 parser.add_argument("--results", help="folder for summary.json and figures/ (default: results; --quick: results_quick)")
 parser.add_argument("--md", help="the generated write-up (default: RESULTS.md; --quick: RESULTS_quick.md)")
-parser.add_argument("--jobs", type=int, default=2, help="subprocesses at once, each with OMP_NUM_THREADS=1 (the teacher, which runs alone, with --jobs)")
+parser.add_argument("--jobs", type=int, default=2, help="subprocesses at once, each with OMP_NUM_THREADS=1")
 parser.add_argument("--quick", action="store_true", help="tiny preset into separate folders: checks the machinery in ~4 min")
 parser.add_argument("--report-only", action="store_true", help="run nothing; rebuild summary, figures and markdown")
 parser.add_argument("--extra", action="append", default=[], metavar="STAGE=FLAGS",
@@ -169,8 +169,8 @@ def height(node):
 
 
 def node_dir(out, seed, node):
-    """Where a node's checkpoint and logs live: <out> for the shared teacher, else <out>/seed<S>."""
-    return out if node == "teacher" else os.path.join(out, f"seed{seed}")
+    """Where a node's checkpoint and logs live: <out>/seed<S>, the teacher's included."""
+    return os.path.join(out, f"seed{seed}")
 
 
 def ckpt(out, seed, node, ext=".pt"):
@@ -179,15 +179,8 @@ def ckpt(out, seed, node, ext=".pt"):
 
 
 def jobs_of(nodes, seeds, out):
-    """(node, seed) for every checkpoint the study needs, each once: the teacher with the
-    first seed only."""
-    seen, keys = set(), []
-    for s in seeds:
-        for n in nodes:
-            if ckpt(out, s, n) not in seen:
-                seen.add(ckpt(out, s, n))
-                keys.append((n, s))
-    return keys
+    """(node, seed) for every checkpoint the study needs."""
+    return [(n, s) for s in seeds for n in nodes]
 
 
 def command(node, seed, preset, out, extra=None):
@@ -349,11 +342,11 @@ def build_summary(metrics, seeds, preset, commit, variants=tuple(VARIANTS)):
             vals.append(metrics[node, s][key])
         return vals
 
-    if ("teacher", seeds[0]) not in metrics:
-        raise common.UserError("the teacher checkpoint is missing")
-    accs = [metrics["teacher", seeds[0]]["acc"]]  # one teacher, shared by every seed
+    if not have("teacher"):
+        raise common.UserError(f"a teacher checkpoint is missing (seeds {seeds})")
+    accs = get("teacher", "acc")
     out = {"seeds": list(seeds), "preset": preset, "commit": commit,
-           "teacher": {"acc": accs[0], "acc_per_seed": accs,
+           "teacher": {"acc": mean_ci95(accs)[0], "acc_per_seed": accs,
                        "active_params": metrics["teacher", seeds[0]]["active_params"],
                        "total_params": metrics["teacher", seeds[0]]["total_params"]},
            "variants": {}, "router_shift": {}}
@@ -437,8 +430,12 @@ def claims(summary, wall_seconds=None, gamma=None, per_script=None):
         return "holds" if ok else "does not hold"
     if "padd" in var:
         p = var["padd"]["acc"]
+        # seed S's PADD was distilled from seed S's teacher: the per-seed gaps are the paired view
+        gaps = [100 * (a - b) for a, b in zip(var["padd"]["acc_per_seed"], summary["teacher"]["acc_per_seed"])]
+        gm, gh = mean_ci95(gaps)
         out.append(("PADD >= teacher + 3 points", verdict(p >= t + 0.03),
-                    f"PADD {pct(p)} vs teacher {pct(t)} ({100 * (p - t):+.1f} points)"))
+                    f"PADD {pct(p)} vs teacher {pct(t)} ({100 * (p - t):+.1f} points); per seed, PADD minus its own "
+                    f"teacher: {', '.join(f'{g:+.1f}' for g in gaps)} (mean {gm:+.1f} ± {gh:.1f})"))
         behind = [f"{v} {pct(d['acc'])}" for v, d in var.items() if v != "padd" and d["acc"] >= p]
         missing = [v for v in VARIANTS if v not in var]
         # one variant at or above PADD settles it; otherwise every one of them has to be there
@@ -504,7 +501,8 @@ def plot_all(summary, metrics, fig_dir):
 
     # Figure 2: overall accuracy per variant, per-seed dots and 95% bars; then per subdomain
     rows = {"teacher": summary["teacher"]} | var
-    sub_of = {"teacher": metrics["teacher", s0]["per_subdomain"]} | {v: d["per_subdomain"] for v, d in var.items()}
+    sub_of = ({"teacher": mean_per_subdomain([metrics["teacher", s] for s in seeds])}
+              | {v: d["per_subdomain"] for v, d in var.items()})
     subs = list(dict.fromkeys(s for d in sub_of.values() for s in d))
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(11, 8))
     colour = {name: "0.4" if name == "teacher" else f"C{i % 10}" for i, name in enumerate(rows)}  # same in both panels
@@ -608,8 +606,8 @@ def markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, md_pa
          "| variant | what | acc | seeds | " + " | ".join(SHORT.get(s, s) for s in subs) + " | MaxVio | active | total |",
          "|---|---|---|---|" + "---|" * len(subs) + "---|---|---|"]
     t = summary["teacher"]
-    t_sub = metrics["teacher", seeds[0]]["per_subdomain"]
-    L.append(f"| teacher | dense, one for all seeds | {pct(t['acc'])} | "
+    t_sub = mean_per_subdomain([metrics["teacher", s] for s in seeds])
+    L.append(f"| teacher | dense, one per seed | {pct(t['acc'])} ± {pct(mean_ci95(t['acc_per_seed'])[1])} | "
              + " ".join(pct(a) for a in t["acc_per_seed"]) + " | "
              + " | ".join(pct(t_sub[s]) if s in t_sub else "" for s in subs)
              + f" | | {t['active_params']:,} | {t['total_params']:,} |")
@@ -672,7 +670,7 @@ def main():
     variants = args.variants or list(VARIANTS)
     nodes = ancestors(variants)
     jsonl = os.path.join(args.out, "ablate.jsonl")
-    keys = jobs_of(nodes, seeds, args.out)  # the shared teacher once, under the first seed
+    keys = jobs_of(nodes, seeds, args.out)
     extra = parse_extra(args.extra)
     plan = {"preset": args.preset, "extra": extra}
     check_plan(args.out, plan, write=not args.report_only)
@@ -685,9 +683,9 @@ def main():
         if args.reuse:
             print(f"linked {link_reused(nodes, seeds, args.out, args.reuse, extra)} checkpoints from {args.reuse}")
         # single-threaded processes side by side: at our matrix sizes two processes on two
-        # cores get more done than one process with two threads. The teacher is the exception:
-        # every other node waits on it, so it runs alone and gets all --jobs threads.
-        env = {n: dict(os.environ, OMP_NUM_THREADS=str(args.jobs if n == "teacher" else 1)) for n in NODES}
+        # cores get more done than one process with two threads. Every node gets one thread,
+        # whatever runs beside it, so a node's numbers do not depend on the schedule.
+        env = dict(os.environ, OMP_NUM_THREADS="1")
         todo = sum(not os.path.exists(ckpt(args.out, s, n)) for n, s in keys)
         print(f"{len(keys)} checkpoints for {len(seeds)} seed(s), {len(keys) - todo} done already, {todo} to run")
         bar = tqdm(total=todo, desc="ablate", unit="node", disable=not todo)
@@ -700,7 +698,7 @@ def main():
             rest += ["--log", ckpt(args.out, seed, node, ".jsonl"), "--resume"]
             with open(ckpt(args.out, seed, node, ".log"), "w") as f:
                 return subprocess.run([sys.executable, os.path.join(HERE, script)] + rest, stdout=f,
-                                      stderr=subprocess.STDOUT, env=env[node]).returncode
+                                      stderr=subprocess.STDOUT, env=env).returncode
 
         def on_done(node, seed, rc, seconds):
             common.append_jsonl(jsonl, dict(node=node, seed=seed, seconds=round(seconds, 1), returncode=rc))

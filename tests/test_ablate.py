@@ -37,9 +37,9 @@ def test_ancestor_closure_by_hand():
 def test_command_passes_the_seeds_teacher_explicitly():
     cmd = command("s4_nos2", 1, "tiny", "o")
     assert cmd == ["stage4_balance.py", "--preset", "tiny", "--seed", "1", "--in", os.path.join("o", "seed1", "s3_prgrpo_nos2.pt"),
-                   "--teacher", os.path.join("o", "teacher.pt"), "--out", os.path.join("o", "seed1", "s4_nos2.pt")]
-    assert command("teacher", 0, "tiny", "o") == ["train_teacher.py", "--preset", "tiny", "--seed", "0",
-                                                  "--out", os.path.join("o", "teacher.pt")]
+                   "--teacher", os.path.join("o", "seed1", "teacher.pt"), "--out", os.path.join("o", "seed1", "s4_nos2.pt")]
+    assert command("teacher", 2, "tiny", "o") == ["train_teacher.py", "--preset", "tiny", "--seed", "2",
+                                                  "--out", os.path.join("o", "seed2", "teacher.pt")]
     s1 = command("s1_random", 0, "default", "o")
     assert "--teacher" not in s1 and s1[-2:] == ["--init", "random"]
     assert command("s3_grpo", 2, "tiny", "o")[-2:] == ["--algo", "grpo"]
@@ -68,9 +68,9 @@ def test_schedule_runs_each_missing_node_once_after_its_inputs(tmp_path):
     out, calls = str(tmp_path), []
     nodes = ancestors(["padd", "vanilla_grpo"])
     assert schedule(nodes, [0, 1], out, fake_runner(out, calls), jobs=2) == []
-    # one teacher, trained with the first seed, shared by both
-    assert sorted(calls) == sorted([("teacher", 0)] + [(n, s) for n in nodes[1:] for s in (0, 1)])
-    assert calls[0] == ("teacher", 0)
+    # a teacher per seed, each first in its seed's chain
+    assert sorted(calls) == sorted((n, s) for n in nodes for s in (0, 1))
+    assert set(calls[:2]) == {("teacher", 0), ("teacher", 1)}
     for s in (0, 1):
         seq = [n for n, t in calls if t == s]
         assert seq.index("s1_cluster") < seq.index("s2") < seq.index("s3_prgrpo") < seq.index("s4")
@@ -90,7 +90,9 @@ def test_schedule_skips_nodes_whose_checkpoint_exists(tmp_path):
 
 def test_schedule_runs_two_at_once(tmp_path):
     out, calls, done = str(tmp_path), [], []
-    open(ckpt(out, 0, "teacher"), "w").close()  # the input every seed's s1_cluster shares
+    for s in range(4):
+        os.makedirs(os.path.dirname(ckpt(out, s, "teacher")), exist_ok=True)
+        open(ckpt(out, s, "teacher"), "w").close()  # each seed's s1_cluster starts from its teacher
     t0 = time.time()
     schedule(["s1_cluster"], [0, 1, 2, 3], out, fake_runner(out, calls, seconds=0.2), jobs=2,
              on_done=lambda n, s, rc, sec: done.append((n, s, rc, sec)))
@@ -175,7 +177,7 @@ def fake_metrics(seeds, acc):
 
 
 def test_build_summary_shape_and_values():
-    ms = fake_metrics([0, 1, 2], lambda n, s: 0.3 + 0.1 * s if n == "s4" else 0.2)
+    ms = fake_metrics([0, 1, 2], lambda n, s: 0.3 + 0.1 * s if n == "s4" else 0.2 + 0.03 * s if n == "teacher" else 0.2)
     summ = build_summary(ms, [0, 1, 2], "tiny", "abc")
     assert set(summ) == {"seeds", "preset", "commit", "teacher", "variants", "router_shift"}
     assert set(summ["teacher"]) == {"acc", "acc_per_seed", "active_params", "total_params"}
@@ -189,7 +191,10 @@ def test_build_summary_shape_and_values():
     assert padd["acc"] == pytest.approx(0.4) and padd["acc_per_seed"] == pytest.approx([0.3, 0.4, 0.5])
     assert padd["per_subdomain"] == pytest.approx({"algebra": 0.5, "geometry": 0.3})
     assert padd["max_vio"] == pytest.approx(0.1)  # mean of 0.05, 0.1, 0.15
-    assert padd["total_params"] == 300 and summ["teacher"]["acc"] == pytest.approx(0.2)
+    assert padd["total_params"] == 300
+    # a teacher per seed: the summary's teacher is their mean, listed in seed order
+    assert summ["teacher"]["acc_per_seed"] == pytest.approx([0.2, 0.23, 0.26])
+    assert summ["teacher"]["acc"] == pytest.approx(0.23)
     g = summ["router_shift"]["grpo"]
     assert g["steps"] == [1, 2, 3, 4, 5, 6]
     assert g["mean"][0] == pytest.approx(3.0 * 2)  # 3 * (1 + mean seed 1)
@@ -202,8 +207,8 @@ def test_build_summary_leaves_out_incomplete_variants():
     del ms["s4", 1]
     summ = build_summary(ms, [0, 1], "tiny", "abc", variants=["padd", "kd_only"])
     assert list(summ["variants"]) == ["kd_only"]
-    del ms["teacher", 0]
-    with pytest.raises(common.UserError):
+    del ms["teacher", 1]  # one seed's teacher is missing: its chains have no teacher to compare with
+    with pytest.raises(common.UserError, match="teacher"):
         build_summary(ms, [0, 1], "tiny", "abc")
 
 
@@ -218,6 +223,7 @@ def test_claims_from_the_numbers():
     ms = fake_metrics([0, 1, 2], lambda n, s: {"s4": 0.30, "teacher": 0.26, "s2": 0.31}.get(n, 0.2))
     verdicts = {t: (v, x) for t, v, x in claims(build_summary(ms, [0, 1, 2], "tiny", "abc"), wall_seconds=1800)}
     assert verdicts["PADD >= teacher + 3 points"][0] == "holds"  # +4 points
+    assert "+4.0, +4.0, +4.0 (mean +4.0 ± 0.0)" in verdicts["PADD >= teacher + 3 points"][1]  # paired per seed
     v, x = verdicts["PADD above every baseline and ablation"]
     assert v == "does not hold" and "kd_only" in x and "rspo" not in x
     assert verdicts["router shift over the last third: PR-GRPO < RSPO < GRPO"][0] == "holds"
@@ -307,7 +313,7 @@ def test_reuse_links_only_what_the_extra_flags_cannot_change(tmp_path):
             f.write(f"{node} {seed}")
     extra = ablate.parse_extra(["stage3=--mu 4"])
     ablate.check_reuse(src, "tiny", nodes)  # an older study without plan.json counts as plain
-    assert ablate.link_reused(nodes, [0, 1], out, src, extra) == 1 + 2 * 2  # teacher; s1_cluster and s2 per seed
+    assert ablate.link_reused(nodes, [0, 1], out, src, extra) == 3 * 2  # teacher, s1_cluster and s2 per seed
     with open(ckpt(out, 1, "s2")) as f:
         assert f.read() == "s2 1"
     assert not os.path.exists(ckpt(out, 0, "s3_rspo")) and not os.path.exists(ckpt(out, 0, "s4"))
