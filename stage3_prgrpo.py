@@ -8,9 +8,11 @@ of each from the current student (temperature 1, KV cache). The reward of sample
     r_i = 1[is_equiv(extract_answer(text_i), gold)]            (eval_math: the grader IS the reward)
     A_i = (r_i - mean_group(r)) / (std_group(r) + eps)          group-normalised advantage
 
-Then mu >= 2 optimiser steps on the same rollouts (with mu = 1 and fresh rollouts the ratio is
-identically 1 and no ratio-based refinement could do anything), each minimising the
-token-level clipped surrogate over all completion tokens t of all samples:
+Then mu >= 2 passes over the same rollouts (with mu = 1 and fresh rollouts the ratio is
+identically 1 and no ratio-based refinement could do anything), each pass `--minibatches`
+optimiser steps on a random split of the samples (default 1: one full-batch step per pass),
+each step minimising the token-level clipped surrogate over the completion tokens t of its
+samples:
 
     rho_t = gamma_t * pi_theta(y_t) / pi_old(y_t)
     L_pg  = -mean_t min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i)  +  w_ref * KL_k3(pi_theta || pi_ref)
@@ -93,7 +95,9 @@ def make_parser(description, stage, inp, out):
     p.add_argument("--steps", type=int, help="rollout steps (preset if unset)")
     p.add_argument("--prompts", type=int, help="prompts per rollout step (preset if unset)")
     p.add_argument("--group", type=int, help="G, samples per prompt (preset if unset)")
-    p.add_argument("--mu", type=int, default=2, help="optimiser updates per rollout batch")
+    p.add_argument("--mu", type=int, default=2, help="passes (epochs) over each rollout batch")
+    p.add_argument("--minibatches", type=int, default=1,
+                   help="optimiser updates per pass, each on its share of the samples (mu * minibatches updates per rollout)")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate")
     p.add_argument("--clip", type=float, default=0.2, help="epsilon of the clipped surrogate")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
@@ -149,6 +153,13 @@ def token_logprobs(logits, targets):
     mask = targets >= 0
     lp = logits.float().log_softmax(-1)[mask]
     return lp.gather(1, targets[mask][:, None]).squeeze(1)
+
+
+def minibatch_rows(n, m, seed=0):
+    """Rows 0..n-1 in m minibatches of near-equal size: [LongTensor]. m = 1 keeps them in order
+    (the full batch); otherwise a random split, seeded, PPO style."""
+    order = torch.arange(n) if m == 1 else torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return [c for c in order.tensor_split(m) if len(c)]
 
 
 def length_buckets(lengths, max_tokens):
@@ -312,35 +323,40 @@ def train(args, sample_reward=None, after_rollout=None, before_loop=None):
             rewards += sample_reward(student, ro)
         adv = group_advantages(rewards, args.group).to(device)
         tok_adv = adv[ro["sample_of_token"]]
-        buckets = [bucket(ro, tok_adv, rows.to(device), T)
-                   for rows, T in length_buckets(ro["valid"].sum(1).tolist(), args.micro_tokens)]
-        for b in buckets:
-            if args.algo == "prgrpo" and (args.w_align > 0 or args.w_distill > 0):
-                with common.autocast(device):
-                    t_logits, p_t, _ = teacher_paths(teacher, b["idx"], clusters)
-                b["t_logits"], b["p_t"] = t_logits[b["mask"]], [p[b["mask"].flatten()] for p in p_t]
-            if ref is not None:
-                with torch.no_grad():
-                    b["ref_logp"] = token_logprobs(ref(b["idx"])[0], b["targets"])
+        plans = []  # (buckets, token counts, global weight) of each minibatch, fixed across the mu passes
+        for mb in minibatch_rows(len(rewards), args.minibatches, seed=args.seed * 1_000_003 + step):
+            lengths = ro["valid"][mb.to(device)].sum(1).tolist()
+            buckets = [bucket(ro, tok_adv, mb[rows].to(device), T) for rows, T in length_buckets(lengths, args.micro_tokens)]
+            for b in buckets:
+                if args.algo == "prgrpo" and (args.w_align > 0 or args.w_distill > 0):
+                    with common.autocast(device):
+                        t_logits, p_t, _ = teacher_paths(teacher, b["idx"], clusters)
+                    b["t_logits"], b["p_t"] = t_logits[b["mask"]], [p[b["mask"].flatten()] for p in p_t]
+                if ref is not None:
+                    with torch.no_grad():
+                        b["ref_logp"] = token_logprobs(ref(b["idx"])[0], b["targets"])
+            adv_mb = torch.cat([b["adv"] for b in buckets])
+            counts = dict(tokens=len(adv_mb), good=int((adv_mb > 0).sum()),
+                          valid=int(sum(b["valid"].sum() for b in buckets)))
+            plans.append((buckets, counts, common.global_weight(counts["tokens"], device)))  # token mean over the global minibatch
         if after_rollout is not None:
             after_rollout(student, ro)
-        counts = dict(tokens=len(tok_adv), good=int((tok_adv > 0).sum()), valid=int(ro["valid"].sum()))
-        tok_weight = common.global_weight(counts["tokens"], device)  # token mean over the global batch
         stats = {}
         for _ in range(args.mu):
-            if args.w_aux > 0:
-                counts["share"] = expert_share(student, buckets)
-            opt.zero_grad(set_to_none=True)
-            loss, gammas = 0.0, []
-            for b in buckets:  # gradient accumulation: each bucket's loss is its share of the batch's
-                part, gamma = policy_loss(student, b, args, counts, tok_weight)
-                part.backward()
-                loss += part.detach()  # no .item() per bucket: on CUDA that is a sync each time
-                gammas.append(gamma)
-            common.sync_grads(student)
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            stats = dict(loss=float(loss), gamma=float(torch.cat(gammas).mean()) if gammas[0] is not None else 1.0)
+            for buckets, counts, tok_weight in plans:
+                if args.w_aux > 0:
+                    counts["share"] = expert_share(student, buckets)
+                opt.zero_grad(set_to_none=True)
+                loss, gammas = 0.0, []
+                for b in buckets:  # gradient accumulation: each bucket's loss is its share of the minibatch's
+                    part, gamma = policy_loss(student, b, args, counts, tok_weight)
+                    part.backward()
+                    loss += part.detach()  # no .item() per bucket: on CUDA that is a sync each time
+                    gammas.append(gamma)
+                common.sync_grads(student)
+                torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+                opt.step()
+                stats = dict(loss=float(loss), gamma=float(torch.cat(gammas).mean()) if gammas[0] is not None else 1.0)
         acc, mean_reward = (float(v) / common.world() for v in
                             common.all_reduce(torch.tensor([float(ro["correct"].mean()), float(rewards.mean())], device=device)))
         rewards_curve.append(acc)

@@ -136,11 +136,11 @@ def test_resume_gives_the_same_model(smoke, tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
-@pytest.mark.parametrize("algo", ["grpo", "rspo"])  # prgrpo is the smoke pipeline's default
-def test_router_shift_logged_for_every_algo(smoke, tmp_path, algo):
+@pytest.mark.parametrize("algo,extra", [("grpo", []), ("rspo", []), ("rspo", ["--minibatches", "2"])])
+def test_router_shift_logged_for_every_algo(smoke, tmp_path, algo, extra):  # prgrpo: the smoke pipeline's
     d, _ = smoke
     log = tmp_path / "s3.jsonl"
     run("stage3_prgrpo.py", "--preset", "tiny", "--steps", "2", "--n-test", "5", "--algo", algo, "--in",
-        str(d / "stage2.pt"), "--out", str(tmp_path / "s3.pt"), "--log", str(log), "--device", "cpu")
+        str(d / "stage2.pt"), "--out", str(tmp_path / "s3.pt"), "--log", str(log), "--device", "cpu", *extra)
     rs = [l for l in map(json.loads, open(log)) if "router_shift" in l]
     assert rs and all(l["algo"] == algo and l["router_shift"] >= 0 for l in rs)

@@ -12,8 +12,8 @@ from model import GPT, GPTConfig, count_params
 from stage1_cluster import (balanced_assign, balanced_kmeans, build_student, decompress, expert_neurons,
                             neuron_profiles, teacher_path)
 from stage2_distill import adaptive_lambda, path_kl, switch_aux_loss, token_kl_loss
-from stage3_prgrpo import (bucket, clipped_surrogate, expert_share, group_advantages, length_buckets, policy_loss,
-                           router_shift, router_shift_weight, token_logprobs)
+from stage3_prgrpo import (bucket, clipped_surrogate, expert_share, group_advantages, length_buckets, minibatch_rows,
+                           policy_loss, router_shift, router_shift_weight, token_logprobs)
 from stage4_balance import balance_reward, bias_update, calibrate_bias, sample_load
 from eval_math import max_vio
 
@@ -192,6 +192,16 @@ def test_length_buckets_cover_every_row_once_and_cut_the_padding():
         assert len(r) * T <= 60 or len(r) == 1
     assert sum(len(r) * T for r, T in buckets) < len(lengths) * max(lengths)
     assert len(length_buckets(lengths, max_tokens=10_000)) == 1
+
+
+def test_minibatch_rows_split_every_row_once():
+    assert [c.tolist() for c in minibatch_rows(6, 1)] == [list(range(6))]  # the full batch, in order
+    parts = minibatch_rows(10, 3, seed=5)
+    assert [len(c) for c in parts] == [4, 3, 3]
+    assert sorted(torch.cat(parts).tolist()) == list(range(10))
+    assert [c.tolist() for c in minibatch_rows(10, 3, seed=5)] == [c.tolist() for c in parts]  # seeded
+    assert torch.cat(minibatch_rows(10, 3, seed=6)).tolist() != torch.cat(parts).tolist()
+    assert len(minibatch_rows(2, 4)) == 2  # never an empty minibatch
 
 
 def small_rollout():
