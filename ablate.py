@@ -419,6 +419,23 @@ def late_gamma(out, seeds):
     return res
 
 
+def paired_gaps(summary):
+    """{name: (per-seed points of PADD minus it, mean, 95% half-width)} for the teacher and every
+    other variant. Seed S's variants share seed S's teacher and Stage I-II checkpoints, so the
+    per-seed difference leaves out what the seeds have in common (the teacher's luck, mostly),
+    which the per-variant intervals of the main table carry in full."""
+    var = summary["variants"]
+    if "padd" not in var:
+        return {}
+    p = var["padd"]["acc_per_seed"]
+    out = {}
+    for name, d in ({"teacher": summary["teacher"]} | var).items():
+        if name != "padd":
+            gaps = [100 * (a - b) for a, b in zip(p, d["acc_per_seed"])]
+            out[name] = (gaps, *mean_ci95(gaps))
+    return out
+
+
 def claims(summary, wall_seconds=None, gamma=None, per_script=None):
     """The study's targets, judged on the numbers: [(target, "holds" | "does not hold" |
     "not measured", the numbers behind it)]. gamma ({algo: late mean of RSPO's weight}) and
@@ -430,9 +447,7 @@ def claims(summary, wall_seconds=None, gamma=None, per_script=None):
         return "holds" if ok else "does not hold"
     if "padd" in var:
         p = var["padd"]["acc"]
-        # seed S's PADD was distilled from seed S's teacher: the per-seed gaps are the paired view
-        gaps = [100 * (a - b) for a, b in zip(var["padd"]["acc_per_seed"], summary["teacher"]["acc_per_seed"])]
-        gm, gh = mean_ci95(gaps)
+        gaps, gm, gh = paired_gaps(summary)["teacher"]  # seed S's PADD was distilled from seed S's teacher
         out.append(("PADD >= teacher + 3 points", verdict(p >= t + 0.03),
                     f"PADD {pct(p)} vs teacher {pct(t)} ({100 * (p - t):+.1f} points); per seed, PADD minus its own "
                     f"teacher: {', '.join(f'{g:+.1f}' for g in gaps)} (mean {gm:+.1f} ± {gh:.1f})"))
@@ -620,6 +635,14 @@ def markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, md_pa
     if missing:
         L += ["", f"Not run, or not for every seed: {', '.join(missing)}."]
     L += ["", "MaxVio: max_e load_e / mean_e load_e - 1 on the test generations, mean over layers and seeds.", ""]
+    gaps = paired_gaps(summary)
+    if gaps:
+        L += ["PADD minus each variant, seed by seed (points; the same seed shares its teacher and, where the "
+              "chains overlap, its Stage I-II checkpoints, so these differences are paired and their interval "
+              "leaves out the spread the seeds have in common):", "",
+              "| PADD minus | per seed | mean ± 95% |", "|---|---|---|"]
+        L += [f"| {name} | {' '.join(f'{g:+.1f}' for g in gs)} | {m:+.1f} ± {h:.1f} |" for name, (gs, m, h) in gaps.items()]
+        L.append("")
     captions = {"ablation_bars": "Accuracy per variant and per subdomain (the paper's Figure 2).",
                 "heatmaps": f"Subdomain x expert share of routed tokens, seed {seeds[0]}: the teacher's clusters "
                             "(mean p_T), the student after Stage I and (once padd has run) after Stage IV.",

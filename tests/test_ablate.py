@@ -224,6 +224,12 @@ def test_claims_from_the_numbers():
     verdicts = {t: (v, x) for t, v, x in claims(build_summary(ms, [0, 1, 2], "tiny", "abc"), wall_seconds=1800)}
     assert verdicts["PADD >= teacher + 3 points"][0] == "holds"  # +4 points
     assert "+4.0, +4.0, +4.0 (mean +4.0 ± 0.0)" in verdicts["PADD >= teacher + 3 points"][1]  # paired per seed
+    ms["teacher", 1]["acc"], ms["s2", 2]["acc"] = 0.20, 0.25
+    gaps = ablate.paired_gaps(build_summary(ms, [0, 1, 2], "tiny", "abc"))
+    assert set(gaps) == {"teacher"} | set(VARIANTS) - {"padd"}
+    assert gaps["teacher"][0] == pytest.approx([4.0, 10.0, 4.0]) and gaps["teacher"][1] == pytest.approx(6.0)
+    assert gaps["kd_only"][0] == pytest.approx([-1.0, -1.0, 5.0])
+    assert gaps["kd_only"][2] == pytest.approx(4.303 * math.sqrt(12) / math.sqrt(3))  # sd of {-1, -1, 5} is sqrt(12)
     v, x = verdicts["PADD above every baseline and ablation"]
     assert v == "does not hold" and "kd_only" in x and "rspo" not in x
     assert verdicts["router shift over the last third: PR-GRPO < RSPO < GRPO"][0] == "holds"
