@@ -16,9 +16,9 @@ The variants, each the last checkpoint of a chain of the existing stage scripts:
     no_stage4       I -> II -> III                                        s3_prgrpo
 
 plus the dense teacher every chain starts from, trained once per seed: seed S's chains start
-from seed S's teacher. Teachers are not interchangeable at this scale (the same recipe, seed
-and code gave 45.3% on one machine and 33.6% on another, where the CPU's kernels round
-differently), so a claim about student vs teacher has to average over teachers as well, and
+from seed S's teacher. Teachers are not interchangeable at this scale (the same recipe and seed
+gave 45.3% on one machine, and 33.6% with two threads and 50.7% with one on another: the
+rounding differs), so a claim about student vs teacher has to average over teachers as well, and
 each seed's variants share their teacher, so differences between variants stay paired.
 Shared prefixes run once per seed, so a seed is 16 subprocesses (NODES below), each
 `python <stage script> --preset P --seed S --in ... --out <out>/seed<S>/<node>.pt`. Up to
@@ -168,17 +168,13 @@ def height(node):
     return 1 + max(map(height, kids)) if kids else 0
 
 
-def node_dir(out, seed, node):
-    """Where a node's checkpoint and logs live: <out>/seed<S>, the teacher's included."""
-    return os.path.join(out, f"seed{seed}")
-
-
 def ckpt(out, seed, node, ext=".pt"):
-    """A node's checkpoint, or with ext its output log (.log) or metrics log (.jsonl)."""
-    return os.path.join(node_dir(out, seed, node), node + ext)
+    """A node's checkpoint, or with ext its output log (.log) or metrics log (.jsonl): every
+    node of seed S, its teacher included, lives in <out>/seed<S>."""
+    return os.path.join(out, f"seed{seed}", node + ext)
 
 
-def jobs_of(nodes, seeds, out):
+def jobs_of(nodes, seeds):
     """(node, seed) for every checkpoint the study needs."""
     return [(n, s) for s in seeds for n in nodes]
 
@@ -244,7 +240,7 @@ def link_reused(nodes, seeds, out, src, extra):
     """Symlink src's checkpoint of every node --extra cannot change into out, where out has
     none yet. Returns how many were linked."""
     n = 0
-    for node, seed in jobs_of(nodes, seeds, out):
+    for node, seed in jobs_of(nodes, seeds):
         have, dst = ckpt(src, seed, node), ckpt(out, seed, node)
         if not touched(node, extra) and os.path.exists(have) and not os.path.lexists(dst):
             os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -259,7 +255,7 @@ def schedule(nodes, seeds, out, run_node, jobs, on_done=lambda node, seed, rc, s
     worker thread; the real one waits on a subprocess). on_done is called in this thread.
     After a failure nothing new starts, running nodes finish. Returns [(node, seed, rc)] of the
     failures (rc None: it exited 0 but wrote no checkpoint)."""
-    pending = [(n, s) for n, s in jobs_of(nodes, seeds, out) if not os.path.exists(ckpt(out, s, n))]
+    pending = [(n, s) for n, s in jobs_of(nodes, seeds) if not os.path.exists(ckpt(out, s, n))]
     # the longest chains first, so the study does not end with one long chain running alone
     pending.sort(key=lambda k: (-height(k[0]), seeds.index(k[1]), nodes.index(k[0])))
 
@@ -693,7 +689,7 @@ def main():
     variants = args.variants or list(VARIANTS)
     nodes = ancestors(variants)
     jsonl = os.path.join(args.out, "ablate.jsonl")
-    keys = jobs_of(nodes, seeds, args.out)
+    keys = jobs_of(nodes, seeds)
     extra = parse_extra(args.extra)
     plan = {"preset": args.preset, "extra": extra}
     check_plan(args.out, plan, write=not args.report_only)
@@ -715,7 +711,7 @@ def main():
 
         def run_node(node, seed):
             script, *rest = command(node, seed, args.preset, args.out, extra)
-            os.makedirs(node_dir(args.out, seed, node), exist_ok=True)
+            os.makedirs(os.path.dirname(ckpt(args.out, seed, node)), exist_ok=True)
             # a metrics log per node (the three Stage III runs of a seed would otherwise share
             # stage3.jsonl), and --resume so a node killed halfway continues from its last save
             rest += ["--log", ckpt(args.out, seed, node, ".jsonl"), "--resume"]

@@ -11,7 +11,7 @@ import pytest
 import ablate
 import common
 from ablate import (NODES, VARIANTS, ancestors, build_summary, busy_wall, ckpt, claims, command, inputs,
-                    last_third, late_gamma, mean_ci95, node_dir, schedule, shift_band, study_time)
+                    last_third, late_gamma, mean_ci95, schedule, shift_band, study_time)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -261,7 +261,7 @@ def test_late_gamma_from_the_node_logs_explains_an_rspo_equal_to_grpo(tmp_path):
     out = str(tmp_path)
     for seed, g in [(0, 0.99), (1, 0.97)]:
         for algo, node in [("rspo", "s3_rspo"), ("prgrpo", "s3_prgrpo")]:
-            d = node_dir(out, seed, node)
+            d = os.path.dirname(ckpt(out, seed, node))
             os.makedirs(d, exist_ok=True)
             rows = [dict(step=u, gamma=1.0 if u <= 4 else g) for u in range(1, 7)] + [dict(step=6, final=True)]
             with open(os.path.join(d, node + ".jsonl"), "w") as f:
@@ -313,7 +313,7 @@ def test_an_out_folder_keeps_its_plan(tmp_path):
 def test_reuse_links_only_what_the_extra_flags_cannot_change(tmp_path):
     src, out = str(tmp_path / "plain"), str(tmp_path / "mu4")
     nodes = ancestors(["rspo", "padd"])
-    for node, seed in ablate.jobs_of(nodes, [0, 1], src):
+    for node, seed in ablate.jobs_of(nodes, [0, 1]):
         os.makedirs(os.path.dirname(ckpt(src, seed, node)), exist_ok=True)
         with open(ckpt(src, seed, node), "w") as f:
             f.write(f"{node} {seed}")
