@@ -657,7 +657,7 @@ def markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, md_pa
     for target, verdict, numbers in verdicts:
         L.append(f"- {target}: {verdict} ({numbers}).")
     if sweeps:
-        L += ["", "## Sweeps", "", "Runs of this study with a stage's flags changed (`--extra`), each written up on its own:", ""]
+        L += ["", "## Sweeps", "", "Sweeps over a stage's flags (`--extra`), each written up on its own with the commit it ran at:", ""]
         for path in sweeps:
             rel = os.path.relpath(path, os.path.dirname(os.path.abspath(md_path)))
             L.append(f"- [{rel}]({rel})")
