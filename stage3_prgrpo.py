@@ -289,6 +289,8 @@ def train(args, sample_reward=None, after_rollout=None, before_loop=None):
     (Stage IV's bias calibration), where sample(rng) draws a training problem.
     """
     device, log = common.setup(args, PRESETS, args.stage)
+    if args.mu < 1 or args.minibatches < 1:
+        raise common.UserError(f"--mu {args.mu} --minibatches {args.minibatches}: both must be at least 1")
     sckpt = common.load_checkpoint(args.inp, kind="moe")
     if "clusters" not in sckpt:
         raise common.UserError(f"{args.inp} has no Stage I clusters (stage {sckpt['stage']})")
