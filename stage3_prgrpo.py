@@ -291,6 +291,10 @@ def train(args, sample_reward=None, after_rollout=None, before_loop=None):
     device, log = common.setup(args, PRESETS, args.stage)
     if args.mu < 1 or args.minibatches < 1:
         raise common.UserError(f"--mu {args.mu} --minibatches {args.minibatches}: both must be at least 1")
+    if args.minibatches > args.prompts // common.world() * args.group:
+        # every rank must take the same number of optimiser steps, or the gradient all-reduce hangs
+        raise common.UserError(f"--minibatches {args.minibatches} is more than the "
+                               f"{args.prompts // common.world() * args.group} samples a rank rolls out per step")
     sckpt = common.load_checkpoint(args.inp, kind="moe")
     if "clusters" not in sckpt:
         raise common.UserError(f"{args.inp} has no Stage I clusters (stage {sckpt['stage']})")

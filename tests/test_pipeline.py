@@ -89,6 +89,7 @@ def test_logs_and_table(smoke):
     ("stage3_prgrpo.py", "nope.pt", "not found", []),            # a wrong path
     ("stage1_cluster.py", "teacher.pt", "--n-test", ["--n-test", "0"]),  # nothing to grade
     ("stage3_prgrpo.py", "stage2.pt", "--minibatches 0", ["--minibatches", "0"]),  # no update at all
+    ("stage3_prgrpo.py", "stage2.pt", "--minibatches 17", ["--minibatches", "17"]),  # tiny: 16 samples a step
 ])
 def test_user_error_is_one_line_and_harmless(smoke, tmp_path, script, inp, what, extra):
     d, _ = smoke
