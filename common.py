@@ -12,6 +12,7 @@ torch.load(..., weights_only=True), so a checkpoint can never run code on load.
 
 import contextlib
 import json
+import math
 import os
 import random
 import sys
@@ -142,6 +143,14 @@ def make_checkpoint(model, tokenizer_dict, stage, args, metrics, **extra):
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return dict(model=state, config=model.config.to_dict(), stage=stage, args=dict(vars(args)),
                 metrics=metrics, tokenizer=tokenizer_dict, **extra)
+
+
+def lr_at(step, steps, peak, warmup=0, final=0.1):
+    """Linear warmup over `warmup` steps, then cosine decay from `peak` to `final * peak`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def item(x):

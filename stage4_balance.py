@@ -36,7 +36,7 @@ needs ~40 RL steps to get there, and those 40 steps cost accuracy (below).
 
 Defaults, chosen on the validation split from one Stage III checkpoint (500 problems; README
 has the table): 200 calibration steps, then half of Stage III's RL steps (20 at the default
-preset) at lr 3e-5 instead of Stage III's 1e-4. Validation acc / MaxVio, Stage III 47.8 / 0.563:
+preset) at lr 3e-5 instead of the 1e-4 Stage III had then. Validation acc / MaxVio, Stage III 47.8 / 0.563:
 40 steps at 1e-4 without calibration 44.6 / 0.101; calibration alone 46.8 / 0.069; calibration
 + 20 steps at 1e-4 45.0 / 0.072; calibration + 20 steps at 3e-5 48.4 / 0.073.
 
@@ -64,7 +64,7 @@ from stage3_prgrpo import PRESETS, make_parser, train
 CALIBRATE = {"tiny": 20, "default": 200, "gpu": 200}
 
 parser = make_parser(__doc__.split("\n\n")[0], "stage4", "out/default/stage3.pt", "out/default/stage4.pt")
-parser.set_defaults(lr=3e-5)  # chosen on validation (docstring); Stage III uses 1e-4
+parser.set_defaults(lr=3e-5)  # chosen on validation (docstring); Stage III uses 5e-5
 parser.add_argument("--balance", choices=["none", "aux", "reward", "reward_bias"], default="reward_bias",
                     help="how load balance enters (see the docstring)")
 parser.add_argument("--alpha", type=float, default=0.1, help="weight of the per-sample balance reward")

@@ -138,6 +138,20 @@ def test_resume_gives_the_same_model(smoke, tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
+def test_teacher_resume_keeps_its_weight_average(tmp_path):
+    """The teacher's checkpoint is its weight average (--ema): a resumed run must pick the average
+    up from the resume file, not restart it from the weights, to land where an uninterrupted run does."""
+    args = ["--preset", "tiny", "--device", "cpu", "--steps", "8", "--eval-every", "4", "--n-test", "4", "--ema", "0.9"]
+    full, part = tmp_path / "full.pt", tmp_path / "part.pt"
+    run("train_teacher.py", *args, "--out", str(full), "--log", str(tmp_path / "f.jsonl"))
+    run("train_teacher.py", *args, "--stop-after", "4", "--out", str(part), "--log", str(tmp_path / "p.jsonl"))
+    assert not part.exists() and (tmp_path / "part.pt.resume.pt").exists()
+    run("train_teacher.py", *args, "--resume", "--out", str(part), "--log", str(tmp_path / "p.jsonl"))
+    a, b = load(full)["model"], load(part)["model"]
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
 @pytest.mark.parametrize("algo,extra", [("grpo", []), ("rspo", []), ("rspo", ["--minibatches", "2"])])
 def test_router_shift_logged_for_every_algo(smoke, tmp_path, algo, extra):  # prgrpo: the smoke pipeline's
     d, _ = smoke

@@ -16,6 +16,35 @@ from stage3_prgrpo import (bucket, clipped_surrogate, expert_share, group_advant
                            policy_loss, router_shift, router_shift_weight, token_logprobs)
 from stage4_balance import balance_reward, bias_update, calibrate_bias, sample_load
 from eval_math import max_vio
+from train_teacher import ema_update
+
+
+# ----------------------------------------------------------------------------- Stage 0
+
+def test_lr_at_warmup_then_cosine_to_the_final_fraction():
+    assert common.lr_at(0, 100, 2.0, warmup=10) == pytest.approx(0.2)  # linear warmup
+    assert common.lr_at(10, 100, 2.0, warmup=10) == pytest.approx(2.0)  # the peak right after it
+    assert common.lr_at(55, 100, 2.0, warmup=10) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))  # half-way down
+    assert common.lr_at(100, 100, 2.0, warmup=10) == pytest.approx(0.2)  # final = 10% by default
+    assert common.lr_at(100, 100, 2.0, final=0.0) == pytest.approx(0.0, abs=1e-12)
+    assert [common.lr_at(s, 50, 1.0, final=1.0) for s in range(50)] == [1.0] * 50  # final 1: constant
+
+
+def test_ema_update_matches_the_recurrence():
+    """The in-place average against the recurrence written out, warm-up of the decay included."""
+    g = torch.Generator().manual_seed(0)
+    weights = [[torch.randn(3, 2, generator=g), torch.randn(4, generator=g)] for _ in range(30)]
+    avg = [w.clone() for w in weights[0]]
+    ref = [w.double() for w in weights[0]]
+    for step, ws in enumerate(weights):
+        ema_update(avg, ws, 0.9, step)
+        d = min(0.9, (1 + step) / (10 + step))  # 0.1 at step 0, the full 0.9 from step 80 on
+        ref = [d * r + (1 - d) * w.double() for r, w in zip(ref, ws)]
+    for a, r in zip(avg, ref):
+        torch.testing.assert_close(a.double(), r, rtol=0, atol=1e-6)
+    assert not torch.allclose(avg[0], weights[-1][0])  # an average, not the last weights
+    ema_update(avg, [torch.zeros(3, 2), torch.zeros(4)], 0.9, 10_000)
+    torch.testing.assert_close(avg[0].double(), 0.9 * ref[0], rtol=0, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- Stage I
