@@ -122,34 +122,30 @@ def test_same_seed_same_numbers(smoke, tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_resume_gives_the_same_model(smoke, tmp_path):
-    """Stopping half-way and resuming lands where an uninterrupted run does."""
-    d, _ = smoke
-    common_args = ["--preset", "tiny", "--in", str(d / "stage1.pt"), "--device", "cpu", "--steps", "8",
-                   "--eval-every", "4", "--n-test", "5"]
-    full = tmp_path / "full.pt"
-    run("stage2_distill.py", *common_args, "--out", str(full), "--log", str(tmp_path / "f.jsonl"))
-    part = tmp_path / "part.pt"
-    run("stage2_distill.py", *common_args, "--stop-after", "4", "--out", str(part), "--log", str(tmp_path / "p.jsonl"))
+def resume_matches_full_run(tmp_path, script, args):
+    """Run `script` to the end; run it again stopped at step 4 and resumed; same weights."""
+    full, part = tmp_path / "full.pt", tmp_path / "part.pt"
+    run(script, *args, "--out", str(full), "--log", str(tmp_path / "f.jsonl"))
+    run(script, *args, "--stop-after", "4", "--out", str(part), "--log", str(tmp_path / "p.jsonl"))
     assert not part.exists() and (tmp_path / "part.pt.resume.pt").exists()
-    run("stage2_distill.py", *common_args, "--resume", "--out", str(part), "--log", str(tmp_path / "p.jsonl"))
+    run(script, *args, "--resume", "--out", str(part), "--log", str(tmp_path / "p.jsonl"))
     a, b = load(full)["model"], load(part)["model"]
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_resume_gives_the_same_model(smoke, tmp_path):
+    """Stopping half-way and resuming lands where an uninterrupted run does."""
+    d, _ = smoke
+    resume_matches_full_run(tmp_path, "stage2_distill.py", ["--preset", "tiny", "--in", str(d / "stage1.pt"), "--device", "cpu",
+                                                            "--steps", "8", "--eval-every", "4", "--n-test", "5"])
 
 
 def test_teacher_resume_keeps_its_weight_average(tmp_path):
     """The teacher's checkpoint is its weight average (--ema): a resumed run must pick the average
     up from the resume file, not restart it from the weights, to land where an uninterrupted run does."""
-    args = ["--preset", "tiny", "--device", "cpu", "--steps", "8", "--eval-every", "4", "--n-test", "4", "--ema", "0.9"]
-    full, part = tmp_path / "full.pt", tmp_path / "part.pt"
-    run("train_teacher.py", *args, "--out", str(full), "--log", str(tmp_path / "f.jsonl"))
-    run("train_teacher.py", *args, "--stop-after", "4", "--out", str(part), "--log", str(tmp_path / "p.jsonl"))
-    assert not part.exists() and (tmp_path / "part.pt.resume.pt").exists()
-    run("train_teacher.py", *args, "--resume", "--out", str(part), "--log", str(tmp_path / "p.jsonl"))
-    a, b = load(full)["model"], load(part)["model"]
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    resume_matches_full_run(tmp_path, "train_teacher.py", ["--preset", "tiny", "--device", "cpu", "--steps", "8",
+                                                           "--eval-every", "4", "--n-test", "4", "--ema", "0.9"])
 
 
 @pytest.mark.parametrize("algo,extra", [("grpo", []), ("rspo", []), ("rspo", ["--minibatches", "2"])])
