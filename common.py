@@ -338,6 +338,14 @@ def sync_grads(model):
         at += p.numel()
 
 
+def optimizer_step(model, opt, clip=1.0):
+    """The end of every training step: average the gradients over ranks, clip their global norm
+    (every stage clips at 1), step."""
+    sync_grads(model)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+
+
 def gather_lists(xs):
     """Concatenate a per-rank Python list over ranks, in rank order."""
     if world() == 1:

@@ -346,9 +346,7 @@ def main():
         loss = lm + args.w_recon * recon + args.w_router * route
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        common.sync_grads(student)
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
+        common.optimizer_step(student, opt)
         pbar.set_postfix(lm=f"{lm.item():.3f}", recon=f"{common.item(recon):.3f}", route=f"{common.item(route):.3f}")
         if (step + 1) % 20 == 0 or step + 1 == args.steps:
             common.append_jsonl(log, dict(stage="stage1", init=args.init, step=step + 1, lm=lm.item(),

@@ -185,9 +185,7 @@ def main():
             group["lr"] = common.lr_at(step, args.steps, args.lr, final=args.lr_final)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        common.sync_grads(student)
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
+        common.optimizer_step(student, opt)
         pbar.set_postfix(tok=f"{l_tok.item():.4f}", path=f"{common.item(l_path):.3f}", lam=f"{lam:.2f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             kl = eval_math.kl_to_teacher(student, teacher, enc, val, device)

@@ -29,14 +29,15 @@ samples:
           p_T is T's path from the Stage I clusters (stage1_cluster.teacher_path).
 
 Schedule: AdamW at lr 1e-4, cosine-decayed to 10% of it by the last step (`--lr-final 0.1`),
-the same schedule as Stage II. Chosen on the validation split (all 500 problems, seeds 0/1/2,
-from the Stage II checkpoints of the 1a0ca2a study; single-threaded runs, torch 2.11 on the
-lent machine's CPUs): Stage II 49.6 / 39.6 / 40.2 (mean 43.1); PR-GRPO at a constant 5e-5 (the
-previous default) 49.6 / 40.2 / 41.6 (43.8); 1e-4 decayed to 10% 50.8 / 42.0 / 42.0 (44.9);
-2e-4 decayed 47.4 / 40.0 / 39.6 (42.3). A constant 1e-4 had lost to 5e-5 (40.4 / 40.6 against
-43.0 / 42.6, seeds 1 and 2, first 500 validation problems): the decay is what makes the larger
-step pay, as it did for Stage II. Raising the kept distillation term (`--w-distill` 0.3 or 1.0,
-at either lr) landed between the two (44.3 to 44.5).
+the same schedule as Stage II. Chosen on the validation split (all 500 problems, seeds 0 / 1 / 2,
+from the Stage II checkpoints of the 1a0ca2a study; single-threaded runs on the lent machine's
+CPUs, whose torch 2.11 gave the same accuracies as our 2.13 where both ran): Stage II 49.6 /
+39.6 / 40.2 (mean 43.1); PR-GRPO at a constant 5e-5 (the previous default) 49.6 / 40.2 / 41.6
+(43.8); 1e-4 decayed to 10% 50.8 / 42.0 / 42.0 (44.9); 2e-4 decayed 47.4 / 40.0 / 39.6 (42.3).
+A constant 1e-4 had lost to 5e-5 (40.4 / 40.6 against 43.0 / 42.6, seeds 1 and 2, first 500
+validation problems): the decay is what makes the larger step pay, as it did for Stage II.
+Raising the kept distillation term (`--w-distill` 0.3 or 1.0, at either lr) landed between
+the two (44.3 to 44.5).
 
 Router shift: every `--rs-every` steps the student's router distributions G_u on a fixed probe
 batch (validation prompts + gold solutions, teacher-forced) are compared with the previous
@@ -377,9 +378,7 @@ def train(args, sample_reward=None, after_rollout=None, before_loop=None):
                     part.backward()
                     loss += part.detach()  # no .item() per bucket: on CUDA that is a sync each time
                     gammas.append(gamma)
-                common.sync_grads(student)
-                torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-                opt.step()
+                common.optimizer_step(student, opt)
                 stats = dict(loss=float(loss), gamma=float(torch.cat(gammas).mean()) if gammas[0] is not None else 1.0)
         acc, mean_reward = (float(v) / common.world() for v in
                             common.all_reduce(torch.tensor([float(ro["correct"].mean()), float(rewards.mean())], device=device)))

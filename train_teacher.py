@@ -138,9 +138,7 @@ def main():
         loss = loss * common.global_weight(int((targets >= 0).sum()), device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        common.sync_grads(model)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        common.optimizer_step(model, opt)
         if avg is not None:
             ema_update(avg, model.parameters(), args.ema, step)
         loss = common.all_reduce(loss.detach()) / common.world()  # the global batch's mean loss
