@@ -148,22 +148,15 @@ def test_teacher_resume_keeps_its_weight_average(tmp_path):
                                                            "--eval-every", "4", "--n-test", "4", "--ema", "0.9"])
 
 
-def test_stage3_lr_follows_its_cosine_schedule(smoke, tmp_path):
-    import common
-    d, _ = smoke
-    log = tmp_path / "s3.jsonl"
-    run("stage3_prgrpo.py", "--preset", "tiny", "--steps", "3", "--n-test", "2", "--lr", "1e-3", "--lr-final", "0.1",
-        "--in", str(d / "stage2.pt"), "--out", str(tmp_path / "s3.pt"), "--log", str(log), "--device", "cpu")
-    lrs = [l["lr"] for l in map(json.loads, open(log)) if "lr" in l and not l.get("final")]
-    assert lrs == [common.lr_at(s, 3, 1e-3, final=0.1) for s in range(3)]
-    assert lrs[0] == 1e-3 and lrs[-1] < lrs[0]
-
-
 @pytest.mark.parametrize("algo,extra", [("grpo", []), ("rspo", []), ("rspo", ["--minibatches", "2"])])
-def test_router_shift_logged_for_every_algo(smoke, tmp_path, algo, extra):  # prgrpo: the smoke pipeline's
+def test_router_shift_and_lr_logged_for_every_algo(smoke, tmp_path, algo, extra):  # prgrpo: the smoke pipeline's
     d, _ = smoke
     log = tmp_path / "s3.jsonl"
     run("stage3_prgrpo.py", "--preset", "tiny", "--steps", "2", "--n-test", "5", "--algo", algo, "--in",
         str(d / "stage2.pt"), "--out", str(tmp_path / "s3.pt"), "--log", str(log), "--device", "cpu", *extra)
     rs = [l for l in map(json.loads, open(log)) if "router_shift" in l]
     assert rs and all(l["algo"] == algo and l["router_shift"] >= 0 for l in rs)
+    # and the default schedule: 1e-4 cosine-decayed to 10% over the run's 2 steps
+    import common
+    lrs = [l["lr"] for l in map(json.loads, open(log)) if "lr" in l]
+    assert lrs == [common.lr_at(s, 2, 1e-4, final=0.1) for s in range(2)] and lrs[1] < lrs[0]
