@@ -40,7 +40,7 @@ preset) at lr 3e-5 instead of the 1e-4 Stage III had then. Validation acc / MaxV
 40 steps at 1e-4 without calibration 44.6 / 0.101; calibration alone 46.8 / 0.069; calibration
 + 20 steps at 1e-4 45.0 / 0.072; calibration + 20 steps at 3e-5 48.4 / 0.073.
 
-Measured again from today's Stage III (lr 1e-4 decayed to 10%; all 500 validation problems,
+Measured again from the Stage III of commit f3f75d6 (lr 1e-4 decayed to 10%; all 500 validation problems,
 seeds 0 / 1 / 2, single-threaded): Stage III 50.8 / 42.0 / 42.0 (mean 44.9, MaxVio 0.41). The
 default Stage IV 49.8 / 41.2 / 40.4 (43.8, MaxVio 0.07); calibration alone (`--steps 0`) 50.0 /
 41.2 / 41.2 (44.1); 60 calibration steps instead of 200 49.8 / 41.0 / 41.2 (44.0); the kept

@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+import common
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ["teacher", "stage1", "stage2", "stage3", "stage4"]
 
@@ -157,6 +159,5 @@ def test_router_shift_and_lr_logged_for_every_algo(smoke, tmp_path, algo, extra)
     rs = [l for l in map(json.loads, open(log)) if "router_shift" in l]
     assert rs and all(l["algo"] == algo and l["router_shift"] >= 0 for l in rs)
     # and the default schedule: 1e-4 cosine-decayed to 10% over the run's 2 steps
-    import common
     lrs = [l["lr"] for l in map(json.loads, open(log)) if "lr" in l]
     assert lrs == [common.lr_at(s, 2, 1e-4, final=0.1) for s in range(2)] and lrs[1] < lrs[0]
