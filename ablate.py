@@ -432,6 +432,42 @@ def paired_gaps(summary):
     return out
 
 
+def problem_interval(a, b, n_boot=4000, seed=0):
+    """a, b: per-seed strings of per-problem correctness ("0"/"1", the same test problems in the
+    same order, as evaluate() stores them) of two variants. Returns the 95% percentile interval,
+    in points, of mean(a) - mean(b) over the seeds when the test problems are resampled with
+    replacement (one resample for all seeds, so each problem stays paired with itself).
+
+    This is the noise of having 700 test problems and not others, with the trained models held
+    fixed; the t-interval over seeds is the noise of training. A gap is a finding only when it
+    clears both."""
+    import numpy as np
+    if len({len(x) for x in (*a, *b)}) != 1:
+        raise common.UserError("per-problem results of different lengths: were they graded on different test sets?")
+    diff = np.mean([[int(c) for c in x] for x in a], 0) - np.mean([[int(c) for c in x] for x in b], 0)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), (n_boot, len(diff)))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return 100 * float(lo), 100 * float(hi)
+
+
+def problem_gaps(metrics, seeds, variants):
+    """{name: (lo, hi)}: problem_interval of PADD minus the teacher and each other variant, for
+    those whose checkpoints all store per-problem results (older ones do not)."""
+    def bits(node):
+        got = [metrics.get((node, s), {}).get("correct") for s in seeds]
+        return got if all(isinstance(g, str) for g in got) else None
+    padd = bits(VARIANTS["padd"][0])
+    if padd is None:
+        return {}
+    out = {}
+    for name, node in [("teacher", "teacher")] + [(v, VARIANTS[v][0]) for v in variants if v != "padd"]:
+        other = bits(node)
+        if other is not None:
+            out[name] = problem_interval(padd, other)
+    return out
+
+
 def claims(summary, wall_seconds=None, gamma=None, per_script=None):
     """The study's targets, judged on the numbers: [(target, "holds" | "does not hold" |
     "not measured", the numbers behind it)]. gamma ({algo: late mean of RSPO's weight}) and
@@ -632,12 +668,17 @@ def markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, md_pa
         L += ["", f"Not run, or not for every seed: {', '.join(missing)}."]
     L += ["", "MaxVio: max_e load_e / mean_e load_e - 1 on the test generations, mean over layers and seeds.", ""]
     gaps = paired_gaps(summary)
+    by_problem = problem_gaps(metrics, seeds, var)
     if gaps:
         L += ["PADD minus each variant, seed by seed (points; the same seed shares its teacher and, where the "
               "chains overlap, its Stage I-II checkpoints, so these differences are paired and their interval "
-              "leaves out the spread the seeds have in common):", "",
-              "| PADD minus | per seed | mean ± 95% |", "|---|---|---|"]
-        L += [f"| {name} | {' '.join(f'{g:+.1f}' for g in gs)} | {m:+.1f} ± {h:.1f} |" for name, (gs, m, h) in gaps.items()]
+              "leaves out the spread the seeds have in common). The last column resamples the test problems "
+              "instead, models fixed: the noise of this test set, not of training (`problem_interval`). "
+              "A gap is a finding only when neither interval holds 0.", "",
+              "| PADD minus | per seed | mean ± 95% over seeds | 95% over test problems |", "|---|---|---|---|"]
+        L += [f"| {name} | {' '.join(f'{g:+.1f}' for g in gs)} | {m:+.1f} ± {h:.1f} | "
+              + (f"[{by_problem[name][0]:+.1f}, {by_problem[name][1]:+.1f}]" if name in by_problem else "not stored")
+              + " |" for name, (gs, m, h) in gaps.items()]
         L.append("")
     captions = {"ablation_bars": "Accuracy per variant and per subdomain (the paper's Figure 2).",
                 "heatmaps": f"Subdomain x expert share of routed tokens, seed {seeds[0]}: the teacher's clusters "

@@ -167,7 +167,7 @@ def bench_kv_cache(device, batch=64, prompt_len=16, new_tokens=128, repeats=2):
 def bench_training(device, rows=8, steps=10):
     """Tokens per second of full training steps on packed rows, teacher and student."""
     enc = data.get_tokenizer()
-    train = list(data.build_splits(n_train=2000, n_val=10, n_test=10)["train"])
+    train = data.build_splits(n_train=2000, n_val=10, n_test=10)["train"].to_list()
     out = {}
     for name, (E, k) in {"teacher": (1, 1), "student": (8, 2)}.items():
         model = default_model(device, E, k)

@@ -1297,7 +1297,7 @@ def encode_prompt(enc, question):
 def load_records(spec, split="test", seed=0):
     """'suite' (the built-in suite's split) or a JSON-lines file in any benchmark format."""
     if spec == "suite":
-        return list(data.build_splits(seed=seed)[split])
+        return data.build_splits(seed=seed)[split].to_list()
     try:
         return load_benchmark(spec)
     except FileNotFoundError:
@@ -1377,8 +1377,10 @@ def evaluate(model, enc, records, device, batch_size=100, max_new_tokens=None, d
     for s in subs:
         hits = [c for c, r in zip(correct, records) if (r.get("subdomain") or classify_subdomain(r["question"])) == s]
         per[s] = sum(hits) / len(hits)
+    # correct as a string, one "0"/"1" per record in the records' order: it is small enough to
+    # keep in every checkpoint's metrics, where ablate.py pairs two variants problem by problem
     res = dict(acc=sum(correct) / max(1, len(records)), per_subdomain=per, n=len(records),
-               correct=correct, predictions=preds)
+               correct="".join("1" if c else "0" for c in correct), predictions=preds)
     if moe:
         vio = max_vio(load)
         res.update(load=load.tolist(), max_vio_per_layer=vio.tolist(), max_vio=float(vio.mean()),

@@ -139,8 +139,8 @@ def main():
     student, teacher = common.build_model(sckpt, device), common.build_model(tckpt, device).eval()
     clusters = [c.to(device) for c in sckpt["clusters"]]
     splits = data.build_splits(seed=common.data_seed(tckpt))
-    train, val = list(splits["train"]), list(splits["validation"])[:args.n_val]
-    test = list(splits["test"])[:args.n_test]
+    train, val = splits["train"].to_list(), splits["validation"].to_list()[:args.n_val]
+    test = splits["test"].to_list()[:args.n_test]
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     kl0 = eval_math.kl_to_teacher(student, teacher, enc, val, device)
     start, state = common.maybe_resume(args, student, opt)
@@ -202,7 +202,7 @@ def main():
 
     res = eval_math.evaluate(student, enc, test, device, desc="stage2 test")
     active, total = count_params(student)
-    metrics = dict(acc=res["acc"], per_subdomain=res["per_subdomain"], kl_to_teacher=kl_curve[-1][1],
+    metrics = dict(acc=res["acc"], per_subdomain=res["per_subdomain"], correct=res["correct"], kl_to_teacher=kl_curve[-1][1],
                    heldout_kl_curve=kl_curve, final_lambda=lam, routing_entropy=res["routing_entropy"],
                    max_vio=res["max_vio"], max_vio_per_layer=res["max_vio_per_layer"], expert_load=res["load"], heatmap=res["heatmap"],
                    active_params=active, total_params=total, seconds=round(time.time() - t0, 1))

@@ -101,8 +101,8 @@ def main():
     enc = data.get_tokenizer()
     # the same test set for every n_train and every --seed: seeds vary the training, not the exam
     splits = data.build_splits(n_train=max(args.n_train, 20000), seed=args.data_seed)
-    train, val = list(splits["train"])[:args.n_train], list(splits["validation"])
-    test = list(splits["test"])[:args.n_test]
+    train, val = splits["train"].to_list()[:args.n_train], splits["validation"].to_list()
+    test = splits["test"].to_list()[:args.n_test]
     config = GPTConfig(vocab_size=data.vocab_size_padded(enc), n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(config).to(device)
@@ -160,7 +160,7 @@ def main():
             for p, a in zip(model.parameters(), avg):
                 p.copy_(a)
     res = eval_math.evaluate(model, enc, test, device)
-    metrics = dict(acc=res["acc"], per_subdomain=res["per_subdomain"], val_loss=eval_math.lm_loss(model, enc, val, device),
+    metrics = dict(acc=res["acc"], per_subdomain=res["per_subdomain"], correct=res["correct"], val_loss=eval_math.lm_loss(model, enc, val, device),
                    active_params=active, total_params=total, train_seconds=round(train_time, 1))
     common.append_jsonl(log, dict(stage="teacher", step=args.steps, **metrics))
     common.save_checkpoint(args.out, common.make_checkpoint(model, data.tokenizer_to_dict(enc), "teacher", args, metrics))

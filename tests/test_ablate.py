@@ -250,6 +250,36 @@ def test_claims_from_the_numbers():
     assert verdicts["study wall time <= 60 min"] == "not measured"
 
 
+def test_problem_interval_pairs_each_problem_with_itself():
+    a = ["1100" * 50] * 3
+    assert ablate.problem_interval(a, a) == (0.0, 0.0)
+    # the same accuracy on other problems: the mean gap is 0 but the test set cannot vouch for it
+    lo, hi = ablate.problem_interval(a, ["0011" * 50] * 3)
+    assert lo < -10 and hi > 10
+    # a is right on 10 of 200 problems where b is wrong, and they agree on the rest: +5 points,
+    # with the binomial half-width 1.96 * sqrt(0.05 * 0.95 / 200) = 3.0 points
+    b = ["1100" * 45 + "0000" * 5] * 3
+    lo, hi = ablate.problem_interval(a, b)
+    assert 0 < lo < 5 < hi and (hi - lo) / 2 == pytest.approx(1.96 * math.sqrt(0.05 * 0.95 / 200) * 100, rel=0.15)
+    # seeds are averaged problem by problem: two seeds that cancel leave no gap
+    assert ablate.problem_interval(["10", "01"], ["01", "10"]) == (0.0, 0.0)
+    with pytest.raises(common.UserError, match="different lengths"):
+        ablate.problem_interval(["101"], ["10"])
+
+
+def test_problem_gaps_in_the_write_up_only_where_stored(tmp_path):
+    ms = fake_metrics([0, 1], lambda n, s: 0.5)
+    summ = build_summary(ms, [0, 1], "tiny", "abc")
+    args = (summ, ms, claims(summ), "python ablate.py", [], (60.0, 30.0, [], {}), {}, str(tmp_path / "R.md"))
+    assert ablate.problem_gaps(ms, [0, 1], VARIANTS) == {}
+    assert "| kd_only | +0.0 +0.0 | +0.0 ± 0.0 | not stored |" in ablate.markdown(*args)
+    for s in (0, 1):
+        ms["s4", s]["correct"], ms["s2", s]["correct"], ms["teacher", s]["correct"] = "1100", "1100", "0101"
+    gaps = ablate.problem_gaps(ms, [0, 1], VARIANTS)
+    assert set(gaps) == {"teacher", "kd_only"} and gaps["kd_only"] == (0.0, 0.0)
+    assert "| kd_only | +0.0 +0.0 | +0.0 ± 0.0 | [+0.0, +0.0] |" in ablate.markdown(*args)
+
+
 def test_wall_time_is_judged_on_three_seeds_only():
     ms = {("teacher", 0): {"acc": 0.4, "active_params": 1, "total_params": 1}}
     summ = build_summary(ms, [0], "tiny", "abc", variants=[])

@@ -46,6 +46,9 @@ def test_checkpoint_contract(smoke):
         assert isinstance(ck["args"], dict) and ck["args"]["preset"] == "tiny"
         m = ck["metrics"]
         assert 0.0 <= m["acc"] <= 1.0
+        # the per-problem grades ablate.py pairs variants on: one "0"/"1" per test problem
+        assert m["correct"] and set(m["correct"]) <= {"0", "1"}
+        assert m["correct"].count("1") / len(m["correct"]) == m["acc"]
         assert m["active_params"] > 0 and m["total_params"] >= m["active_params"]
         assert all(torch.is_tensor(v) for v in ck["model"].values())
         assert "ranks" in ck["tokenizer"]
