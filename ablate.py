@@ -76,6 +76,7 @@ import time
 from tqdm import tqdm
 
 import common
+import eval_math
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -432,28 +433,9 @@ def paired_gaps(summary):
     return out
 
 
-def problem_interval(a, b, n_boot=4000, seed=0):
-    """a, b: per-seed strings of per-problem correctness ("0"/"1", the same test problems in the
-    same order, as evaluate() stores them) of two variants. Returns the 95% percentile interval,
-    in points, of mean(a) - mean(b) over the seeds when the test problems are resampled with
-    replacement (one resample for all seeds, so each problem stays paired with itself).
-
-    This is the noise of having 700 test problems and not others, with the trained models held
-    fixed; the t-interval over seeds is the noise of training. A gap is a finding only when it
-    clears both."""
-    import numpy as np
-    if len({len(x) for x in (*a, *b)}) != 1:
-        raise common.UserError("per-problem results of different lengths: were they graded on different test sets?")
-    diff = np.mean([[int(c) for c in x] for x in a], 0) - np.mean([[int(c) for c in x] for x in b], 0)
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), (n_boot, len(diff)))].mean(1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return 100 * float(lo), 100 * float(hi)
-
-
 def problem_gaps(metrics, seeds, variants):
-    """{name: (lo, hi)}: problem_interval of PADD minus the teacher and each other variant, for
-    those whose checkpoints all store per-problem results (older ones do not)."""
+    """{name: (lo, hi)}: eval_math.paired_interval of PADD minus the teacher and each other
+    variant, for those whose checkpoints all store per-problem results (older ones do not)."""
     def bits(node):
         got = [metrics.get((node, s), {}).get("correct") for s in seeds]
         return got if all(isinstance(g, str) for g in got) else None
@@ -464,7 +446,7 @@ def problem_gaps(metrics, seeds, variants):
     for name, node in [("teacher", "teacher")] + [(v, VARIANTS[v][0]) for v in variants if v != "padd"]:
         other = bits(node)
         if other is not None:
-            out[name] = problem_interval(padd, other)
+            out[name] = eval_math.paired_interval(padd, other)
     return out
 
 
@@ -673,7 +655,7 @@ def markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, md_pa
         L += ["PADD minus each variant, seed by seed (points; the same seed shares its teacher and, where the "
               "chains overlap, its Stage I-II checkpoints, so these differences are paired and their interval "
               "leaves out the spread the seeds have in common). The last column resamples the test problems "
-              "instead, models fixed: the noise of this test set, not of training (`problem_interval`). "
+              "instead, models fixed: the noise of this test set, not of training (`eval_math.paired_interval`). "
               "A gap is a finding only when neither interval holds 0.", "",
               "| PADD minus | per seed | mean ± 95% over seeds | 95% over test problems |", "|---|---|---|---|"]
         L += [f"| {name} | {' '.join(f'{g:+.1f}' for g in gs)} | {m:+.1f} ± {h:.1f} | "

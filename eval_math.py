@@ -1428,6 +1428,25 @@ def print_report(rows):
             print("  ".join("-" * w for w in widths))
 
 
+def paired_interval(a, b, n_boot=4000, seed=0):
+    """a, b: per-seed strings of per-problem grades ("0"/"1", the same problems in the same
+    order, as evaluate() returns them) of two models or two variants. The 95% percentile
+    interval, in points, of mean(a) - mean(b) when the problems are resampled with replacement
+    (one resample for all seeds, so each problem stays paired with itself).
+
+    It is the noise of grading on these problems and not others, the models held fixed; a
+    t-interval over training seeds is the other half. Two students that fail on the same
+    problems differ by little and get a narrow interval; the same two accuracies reached on
+    different problems get a wide one, which an unpaired comparison cannot tell apart."""
+    import numpy as np
+    if len({len(x) for x in (*a, *b)}) != 1:
+        raise common.UserError("per-problem grades of different lengths: were they graded on different problems?")
+    diff = np.mean([[int(c) for c in x] for x in a], 0) - np.mean([[int(c) for c in x] for x in b], 0)
+    means = diff[np.random.default_rng(seed).integers(0, len(diff), (n_boot, len(diff)))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return 100 * float(lo), 100 * float(hi)
+
+
 @torch.no_grad()
 def lm_loss(model, enc, records, device, batch_size=64):
     """Mean next-token cross-entropy on solution tokens (teacher-forced, gold solutions)."""
@@ -1457,14 +1476,15 @@ def table(run_dir):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Greedy pass@1 of a PADD checkpoint, overall and per subdomain.")
+    parser = argparse.ArgumentParser(description="Greedy pass@1 of a PADD checkpoint, overall and per subdomain; "
+                                     "given several, each later one minus the first with a paired 95% interval.")
     parser.add_argument("--ckpt", nargs="+", help="checkpoint(s) to evaluate")
     parser.add_argument("--table", metavar="DIR", help="print the stored metrics of DIR/{teacher,stage1..4}.pt as one table")
     parser.add_argument("--data", default="suite", help="'suite' (built-in test split) or a benchmark .jsonl (name or path)")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"], help="suite split")
     parser.add_argument("--n", type=int, help="evaluate the first N problems only")
     parser.add_argument("--batch-size", type=int, default=100, help="prompts generated together")
-    parser.add_argument("--json", help="write the results (without per-problem lists) here")
+    parser.add_argument("--json", help="write the results (with the per-problem grades, without the predictions) here")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = parser.parse_args()
     if args.table:
@@ -1486,9 +1506,19 @@ def main():
         model = common.build_model(ckpt, device)
         res = evaluate(model, enc, records, device, batch_size=args.batch_size, desc=os.path.basename(path))
         res["active_params"], res["total_params"] = count_params(model)
-        results[path] = {k: v for k, v in res.items() if k not in ("correct", "predictions")}
+        results[path] = {k: v for k, v in res.items() if k != "predictions"}
     print(f"{len(records)} problems from {args.data}")
     print_report(results)
+    # every later checkpoint against the first, problem by problem: is the gap more than the
+    # luck of these problems? (a quick ablation's question; the answer says nothing of seeds)
+    first, *rest = args.ckpt
+    for path in rest:
+        a, b = results[path]["correct"], results[first]["correct"]
+        lo, hi = paired_interval([a], [b])
+        results[path]["minus_first"] = dict(points=100 * (results[path]["acc"] - results[first]["acc"]), ci95=[lo, hi])
+        print(f"{path} minus {first}: {100 * (results[path]['acc'] - results[first]['acc']):+.1f} points, "
+              f"95% over these problems [{lo:+.1f}, {hi:+.1f}]; only it right: {sum(x > y for x, y in zip(a, b))}, "
+              f"only the first right: {sum(x < y for x, y in zip(a, b))}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

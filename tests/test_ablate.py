@@ -250,23 +250,6 @@ def test_claims_from_the_numbers():
     assert verdicts["study wall time <= 60 min"] == "not measured"
 
 
-def test_problem_interval_pairs_each_problem_with_itself():
-    a = ["1100" * 50] * 3
-    assert ablate.problem_interval(a, a) == (0.0, 0.0)
-    # the same accuracy on other problems: the mean gap is 0 but the test set cannot vouch for it
-    lo, hi = ablate.problem_interval(a, ["0011" * 50] * 3)
-    assert lo < -10 and hi > 10
-    # a is right on 10 of 200 problems where b is wrong, and they agree on the rest: +5 points,
-    # with the binomial half-width 1.96 * sqrt(0.05 * 0.95 / 200) = 3.0 points
-    b = ["1100" * 45 + "0000" * 5] * 3
-    lo, hi = ablate.problem_interval(a, b)
-    assert 0 < lo < 5 < hi and (hi - lo) / 2 == pytest.approx(1.96 * math.sqrt(0.05 * 0.95 / 200) * 100, rel=0.15)
-    # seeds are averaged problem by problem: two seeds that cancel leave no gap
-    assert ablate.problem_interval(["10", "01"], ["01", "10"]) == (0.0, 0.0)
-    with pytest.raises(common.UserError, match="different lengths"):
-        ablate.problem_interval(["101"], ["10"])
-
-
 def test_problem_gaps_in_the_write_up_only_where_stored(tmp_path):
     ms = fake_metrics([0, 1], lambda n, s: 0.5)
     summ = build_summary(ms, [0, 1], "tiny", "abc")

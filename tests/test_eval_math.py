@@ -564,3 +564,24 @@ def test_classifier_accuracy_olympiadbench():
 @needs_bench
 def test_default_benchmark_dir_points_at_shared_data():
     assert em.BENCHMARK_DIR.resolve() == BENCH.resolve()
+
+
+# ---- the paired interval on a gap between two models (ablate.py, the CLI) ----
+
+def test_paired_interval_pairs_each_problem_with_itself():
+    """The bootstrap interval ablate.py and the eval_math CLI put on a gap, against the binomial
+    formula where they must agree."""
+    a = ["1100" * 50] * 3
+    assert em.paired_interval(a, a) == (0.0, 0.0)
+    # the same accuracy on other problems: the mean gap is 0 but the test set cannot vouch for it
+    lo, hi = em.paired_interval(a, ["0011" * 50] * 3)
+    assert lo < -10 and hi > 10
+    # a is right on 10 of 200 problems where b is wrong, and they agree on the rest: +5 points,
+    # with the binomial half-width 1.96 * sqrt(0.05 * 0.95 / 200) = 3.0 points
+    b = ["1100" * 45 + "0000" * 5] * 3
+    lo, hi = em.paired_interval(a, b)
+    assert 0 < lo < 5 < hi and (hi - lo) / 2 == pytest.approx(1.96 * (0.05 * 0.95 / 200) ** 0.5 * 100, rel=0.15)
+    # seeds are averaged problem by problem: two seeds that cancel leave no gap
+    assert em.paired_interval(["10", "01"], ["01", "10"]) == (0.0, 0.0)
+    with pytest.raises(em.common.UserError, match="different lengths"):
+        em.paired_interval(["101"], ["10"])

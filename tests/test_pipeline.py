@@ -88,6 +88,20 @@ def test_logs_and_table(smoke):
     assert [row.split()[0] for row in last] == STAGES
 
 
+def test_eval_cli_pairs_later_checkpoints_with_the_first(smoke, tmp_path):
+    d, _ = smoke
+    js = tmp_path / "eval.json"
+    r = run("eval_math.py", "--ckpt", str(d / "teacher.pt"), str(d / "stage2.pt"), "--n", "8", "--json", str(js),
+            "--device", "cpu")
+    res = json.loads(js.read_text())
+    t, s = res[str(d / "teacher.pt")], res[str(d / "stage2.pt")]
+    assert len(t["correct"]) == len(s["correct"]) == 8 and "minus_first" not in t
+    assert s["minus_first"]["points"] == pytest.approx(100 * (s["acc"] - t["acc"]))
+    lo, hi = s["minus_first"]["ci95"]
+    assert lo <= s["minus_first"]["points"] <= hi
+    assert f"stage2.pt minus {d / 'teacher.pt'}" in r.stdout
+
+
 @pytest.mark.parametrize("script,inp,what,extra", [
     ("stage2_distill.py", "teacher.pt", "dense model", []),      # dense where a student is expected
     ("stage1_cluster.py", "stage2.pt", "MoE student", []),       # student where the teacher is expected
