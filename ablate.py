@@ -450,10 +450,24 @@ def problem_gaps(metrics, seeds, variants):
     return out
 
 
-def claims(summary, wall_seconds=None, gamma=None, per_script=None):
+def noise_note(by_problem):
+    """Which of PADD's gaps to the variants clear the test problems' noise, in words."""
+    gaps = {k: v for k, v in by_problem.items() if k != "teacher"}
+    if not gaps:
+        return ""
+    above = [k for k, (lo, _) in gaps.items() if lo > 0]
+    below = [k for k, (_, hi) in gaps.items() if hi < 0]
+    within = [k for k in gaps if k not in above + below]
+    parts = [f"above {', '.join(above)}" if above else "", f"below {', '.join(below)}" if below else "",
+             f"within the noise: {', '.join(within)}" if within else ""]
+    return "; over the test problems (95%), PADD is " + "; ".join(x for x in parts if x)
+
+
+def claims(summary, wall_seconds=None, gamma=None, per_script=None, by_problem=None):
     """The study's targets, judged on the numbers: [(target, "holds" | "does not hold" |
-    "not measured", the numbers behind it)]. gamma ({algo: late mean of RSPO's weight}) and
-    per_script ({script: summed seconds}) only add to the explanation."""
+    "not measured", the numbers behind it)]. gamma ({algo: late mean of RSPO's weight}),
+    per_script ({script: summed seconds}) and by_problem (problem_gaps) only add to the
+    explanation: a verdict is on the means, as the targets are stated."""
     out, var, pct = [], summary["variants"], lambda x: f"{100 * x:.1f}%"
     t = summary["teacher"]["acc"]
 
@@ -462,16 +476,19 @@ def claims(summary, wall_seconds=None, gamma=None, per_script=None):
     if "padd" in var:
         p = var["padd"]["acc"]
         gaps, gm, gh = paired_gaps(summary)["teacher"]  # seed S's PADD was distilled from seed S's teacher
+        by_problem = by_problem or {}
         out.append(("PADD >= teacher + 3 points", verdict(p >= t + 0.03),
                     f"PADD {pct(p)} vs teacher {pct(t)} ({100 * (p - t):+.1f} points); per seed, PADD minus its own "
-                    f"teacher: {', '.join(f'{g:+.1f}' for g in gaps)} (mean {gm:+.1f} ± {gh:.1f})"))
+                    f"teacher: {', '.join(f'{g:+.1f}' for g in gaps)} (mean {gm:+.1f} ± {gh:.1f}"
+                    + ("; [{:+.1f}, {:+.1f}] over the test problems".format(*by_problem["teacher"]) if "teacher" in by_problem else "")
+                    + ")"))
         behind = [f"{v} {pct(d['acc'])}" for v, d in var.items() if v != "padd" and d["acc"] >= p]
         missing = [v for v in VARIANTS if v not in var]
         # one variant at or above PADD settles it; otherwise every one of them has to be there
         out.append(("PADD above every baseline and ablation",
                     "does not hold" if behind else "not measured" if missing else "holds",
                     f"PADD {pct(p)}" + (f"; not above: {', '.join(behind)}" if behind else "")
-                    + (f"; not run: {', '.join(missing)}" if missing else "")))
+                    + (f"; not run: {', '.join(missing)}" if missing else "") + noise_note(by_problem)))
         vio = var["padd"]["max_vio"]
         out.append(("PADD MaxVio <= 0.2", verdict(vio <= 0.2), f"MaxVio {vio:.3f}"))
     else:
@@ -769,7 +786,8 @@ def main():
 
     times = study_time(jsonl, keys)
     complete = len(summary["variants"]) == len(VARIANTS) and not times[2]
-    verdicts = claims(summary, times[1] if complete else None, late_gamma(args.out, seeds), times[3])
+    verdicts = claims(summary, times[1] if complete else None, late_gamma(args.out, seeds), times[3],
+                      problem_gaps(metrics, seeds, summary["variants"]))
     shown = [a for a in sys.argv[1:] if a != "--report-only"]
     cmd_line = " ".join(["python ablate.py"] + [shlex.quote(a) for a in shown])
     node_cmds = [" ".join(["python"] + [shlex.quote(a) for a in command(n, seeds[0], args.preset, args.out, extra)])

@@ -263,6 +263,17 @@ def test_problem_gaps_in_the_write_up_only_where_stored(tmp_path):
     assert "| kd_only | +0.0 +0.0 | +0.0 ± 0.0 | [+0.0, +0.0] |" in ablate.markdown(*args)
 
 
+def test_claims_say_which_gaps_clear_the_test_problems():
+    ms = fake_metrics([0, 1, 2], lambda n, s: {"s4": 0.30, "teacher": 0.26}.get(n, 0.2))
+    summ = build_summary(ms, [0, 1, 2], "tiny", "abc")
+    text = {t: x for t, _, x in claims(summ, by_problem={"teacher": (1.0, 7.0), "kd_only": (-2.0, 0.5),
+                                                         "rspo": (0.5, 3.0), "no_stage2": (-4.0, -1.0)})}
+    assert "[+1.0, +7.0] over the test problems" in text["PADD >= teacher + 3 points"]
+    assert text["PADD above every baseline and ablation"].endswith(
+        "over the test problems (95%), PADD is above rspo; below no_stage2; within the noise: kd_only")
+    assert "test problems" not in claims(summ)[1][2]  # nothing stored, nothing said
+
+
 def test_wall_time_is_judged_on_three_seeds_only():
     ms = {("teacher", 0): {"acc": 0.4, "active_params": 1, "total_params": 1}}
     summ = build_summary(ms, [0], "tiny", "abc", variants=[])
