@@ -27,7 +27,7 @@ are capped by the warm-up at 0.9963 after 2,400 steps: 51.0 / 41.4 / 41.2 / 35.2
 average does not remove is the spread between runs: seed 0 with one thread and with two lands
 in different places (validation loss 0.086 vs 0.131) long before the end (README, "The teacher").
 
-The default 2,400 steps are short of convergence, on purpose of the 60-minute study: the
+The default 2,400 steps are short of convergence, for the sake of the 60-minute study: the
 validation loss still falls by a quarter per 400 steps at the end, and 4,800 steps take seeds
 1 and 2 from 42.8 / 42.6 to 81.2 / 72.4 on the first 500 validation problems. The whole study
 with 4,800-step teachers (README, results/t4800) lifts every variant by 27-31 points and
