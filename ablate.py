@@ -634,7 +634,8 @@ def plot_all(summary, metrics, fig_dir):
 
 # ----------------------------------------------------------------------------- RESULTS.md
 
-def markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, md_path, sweeps=()):
+def markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, md_path, sweeps=(), by_problem=None):
+    """The write-up; by_problem (problem_gaps) fills the paired table's last column."""
     seeds, var = summary["seeds"], summary["variants"]
     subs = list(dict.fromkeys(s for d in var.values() for s in d["per_subdomain"]))
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
@@ -667,7 +668,7 @@ def markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, md_pa
         L += ["", f"Not run, or not for every seed: {', '.join(missing)}."]
     L += ["", "MaxVio: max_e load_e / mean_e load_e - 1 on the test generations, mean over layers and seeds.", ""]
     gaps = paired_gaps(summary)
-    by_problem = problem_gaps(metrics, seeds, var)
+    by_problem = by_problem or {}
     if gaps:
         L += ["PADD minus each variant, seed by seed (points; the same seed shares its teacher and, where the "
               "chains overlap, its Stage I-II checkpoints, so these differences are paired and their interval "
@@ -786,8 +787,8 @@ def main():
 
     times = study_time(jsonl, keys)
     complete = len(summary["variants"]) == len(VARIANTS) and not times[2]
-    verdicts = claims(summary, times[1] if complete else None, late_gamma(args.out, seeds), times[3],
-                      problem_gaps(metrics, seeds, summary["variants"]))
+    by_problem = problem_gaps(metrics, seeds, summary["variants"])
+    verdicts = claims(summary, times[1] if complete else None, late_gamma(args.out, seeds), times[3], by_problem)
     shown = [a for a in sys.argv[1:] if a != "--report-only"]
     cmd_line = " ".join(["python ablate.py"] + [shlex.quote(a) for a in shown])
     node_cmds = [" ".join(["python"] + [shlex.quote(a) for a in command(n, seeds[0], args.preset, args.out, extra)])
@@ -796,7 +797,7 @@ def main():
         # sweeps written into subfolders of --results (e.g. results/mu4/RESULTS.md) get a link
         sweeps = sorted(p for p in glob.glob(os.path.join(args.results, "*", "RESULTS.md"))
                         if os.path.abspath(p) != os.path.abspath(args.md))
-        f.write(markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, args.md, sweeps))
+        f.write(markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, args.md, sweeps, by_problem))
     print(f"wrote {os.path.join(args.results, 'summary.json')}, {len(figs)} figures in "
           f"{os.path.join(args.results, 'figures')}, {args.md}")
     for target, verdict, numbers in verdicts:

@@ -1515,8 +1515,9 @@ def main():
     for path in rest:
         a, b = results[path]["correct"], results[first]["correct"]
         lo, hi = paired_interval([a], [b])
-        results[path]["minus_first"] = dict(points=100 * (results[path]["acc"] - results[first]["acc"]), ci95=[lo, hi])
-        print(f"{path} minus {first}: {100 * (results[path]['acc'] - results[first]['acc']):+.1f} points, "
+        points = 100 * (results[path]["acc"] - results[first]["acc"])
+        results[path]["minus_first"] = dict(points=points, ci95=[lo, hi])
+        print(f"{path} minus {first}: {points:+.1f} points, "
               f"95% over these problems [{lo:+.1f}, {hi:+.1f}]; only it right: {sum(x > y for x, y in zip(a, b))}, "
               f"only the first right: {sum(x < y for x, y in zip(a, b))}")
     if args.json:

@@ -260,7 +260,7 @@ def test_problem_gaps_in_the_write_up_only_where_stored(tmp_path):
         ms["s4", s]["correct"], ms["s2", s]["correct"], ms["teacher", s]["correct"] = "1100", "1100", "0101"
     gaps = ablate.problem_gaps(ms, [0, 1], VARIANTS)
     assert set(gaps) == {"teacher", "kd_only"} and gaps["kd_only"] == (0.0, 0.0)
-    assert "| kd_only | +0.0 +0.0 | +0.0 ± 0.0 | [+0.0, +0.0] |" in ablate.markdown(*args)
+    assert "| kd_only | +0.0 +0.0 | +0.0 ± 0.0 | [+0.0, +0.0] |" in ablate.markdown(*args, by_problem=gaps)
 
 
 def test_claims_say_which_gaps_clear_the_test_problems():
