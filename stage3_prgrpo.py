@@ -319,8 +319,8 @@ def train(args, sample_reward=None, after_rollout=None, before_loop=None):
     clusters = [c.to(device) for c in sckpt["clusters"]]
     splits = data.build_splits(seed=common.data_seed(tckpt))
     sample = data.subdomain_sampler(splits["train"].to_list())
-    test = splits["test"].to_list()[:args.n_test]
-    probe = [data.encode_example(enc, ex) for ex in splits["validation"].to_list()[:args.n_probe]]
+    test, val = splits["test"].to_list()[:args.n_test], splits["validation"].to_list()
+    probe = [data.encode_example(enc, ex) for ex in val[:args.n_probe]]
     probe_idx, _, probe_valid = common.pad_batch(*zip(*probe), device)
     probe_valid = probe_valid.flatten()
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -402,7 +402,7 @@ def train(args, sample_reward=None, after_rollout=None, before_loop=None):
     active, total = count_params(student)
     last = [s for u, s in shifts if u > 2 * args.steps / 3] or [s for _, s in shifts]
     metrics = dict(acc=res["acc"], per_subdomain=res["per_subdomain"], correct=res["correct"], algo=args.algo,
-                   kl_to_teacher=eval_math.kl_to_teacher(student, teacher, enc, splits["validation"].to_list()[:200], device),
+                   kl_to_teacher=eval_math.kl_to_teacher(student, teacher, enc, val[:200], device),
                    routing_entropy=res["routing_entropy"], max_vio=res["max_vio"], max_vio_per_layer=res["max_vio_per_layer"], expert_load=res["load"],
                    heatmap=res["heatmap"], router_shift=sum(last) / max(1, len(last)), router_shift_curve=shifts,
                    train_acc_curve=rewards_curve, active_params=active, total_params=total,
