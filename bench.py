@@ -10,8 +10,14 @@ Sections (one function each, each returns a dict that main() merges):
                   masked loop most codebases write.
   bench_kv_cache  batched sampling with the KV cache against re-running the full forward
                   for every new token (batch 64, 128 new tokens, the default teacher's shape).
-  bench_training  training tokens per second (forward, backward, AdamW step) of the default
-                  teacher and of its MoE student (E=8, k=2), on packed 128-token rows.
+  bench_training  training tokens per second (forward, backward, AdamW step) of the teacher
+                  and of its MoE student on packed 128-token rows: the default shapes (E=8,
+                  k=2, 8 rows) on CPU; on CUDA the gpu preset's (d=512, 8 layers, E=16, k=2,
+                  64 rows, bf16 autocast, as the scripts train) with model FLOPs utilisation.
+
+On CUDA the kernel section runs in float32 and in bf16 (the dtype the gpu preset trains in,
+where F.grouped_mm is used), and everything runs in the deterministic mode the scripts use
+(common.deterministic_cuda) unless --nondeterministic.
   peak memory     read from the checkpoints of a finished default run (--run, `make run`
                   writes it): every stage records its process's peak resident memory.
 
@@ -39,8 +45,9 @@ import torch.nn.functional as F
 
 import common
 import data
+import stage1_cluster
 import train_teacher
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, count_params
 from moe_kernel import moe_ffn, moe_ffn_masked_loop
 
 # (E, k, h at d=128) per routing setting; h shrinks as k grows so the active hidden
@@ -88,7 +95,8 @@ def random_routing(N, E, k, device, generator=None):
 
 def bench_kernel(device, repeats=20, sizes=((4096, 128),), configs=KERNEL_CONFIGS, dtype=torch.float32):
     """Forward+backward of dense FFN vs moe_ffn vs masked loop. The first (N, d) in sizes
-    reports under keys like "E8_k2", the others under "E8_k2_N65536_d1024"."""
+    reports under keys like "E8_k2", the others under "E8_k2_N65536_d1024"; a dtype other
+    than float32 adds its name ("E8_k2_bfloat16")."""
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -100,6 +108,7 @@ def bench_kernel(device, repeats=20, sizes=((4096, 128),), configs=KERNEL_CONFIG
         for E, k, h in configs:
             h = h * d // 128  # same hidden/model ratio at every d
             key = f"E{E}_k{k}" + ("" if i == 0 else f"_N{N}_d{d}")
+            key += "" if dtype == torch.float32 else "_" + str(dtype).split(".")[1]
             x = rand(N, d).requires_grad_()
             dy = rand(N, d)
             idx, gate = random_routing(N, E, k, device, g)
@@ -137,10 +146,10 @@ def bench_kernel(device, repeats=20, sizes=((4096, 128),), configs=KERNEL_CONFIG
     return out
 
 
-def default_model(device, n_expert=1, top_k=1, block_size=128):
-    """A model of the default teacher's shape (train_teacher.PRESETS), random weights."""
+def default_model(device, n_expert=1, top_k=1, block_size=128, preset="default"):
+    """A model of a preset teacher's shape (train_teacher.PRESETS), random weights."""
     torch.manual_seed(0)
-    shape = {k: train_teacher.PRESETS["default"][k] for k in ("n_layer", "n_head", "n_embd")}
+    shape = {k: train_teacher.PRESETS[preset][k] for k in ("n_layer", "n_head", "n_embd")}
     cfg = GPTConfig(block_size=block_size, vocab_size=data.vocab_size_padded(data.get_tokenizer()),
                     n_expert=n_expert, top_k=top_k, **shape)
     return GPT(cfg).to(device)
@@ -164,13 +173,23 @@ def bench_kv_cache(device, batch=64, prompt_len=16, new_tokens=128, repeats=2):
     return out
 
 
-def bench_training(device, rows=8, steps=10):
-    """Tokens per second of full training steps on packed rows, teacher and student."""
+def train_flops_per_token(model, T):
+    """Forward + backward FLOPs per token, nanoGPT's estimate (PaLM appendix B): 6 per active
+    weight (matmuls) plus attention's 12 * n_layer * n_embd * T."""
+    c = model.config
+    return 6 * count_params(model)[0] + 12 * c.n_layer * c.n_embd * T
+
+
+def bench_training(device, rows=8, steps=10, preset="default", peak_tflops=None):
+    """Tokens per second of full training steps on packed rows, teacher and student (Stage I's
+    E and k for the preset), under common.autocast like the scripts. With peak_tflops, also
+    the model FLOPs utilisation (MFU) against that peak."""
     enc = data.get_tokenizer()
     train = data.build_splits(n_train=2000, n_val=10, n_test=10)["train"].to_list()
-    out = {}
-    for name, (E, k) in {"teacher": (1, 1), "student": (8, 2)}.items():
-        model = default_model(device, E, k)
+    out = {"train_preset": preset, "train_rows": rows}
+    student = (stage1_cluster.PRESETS[preset]["n_expert"], stage1_cluster.PRESETS[preset]["top_k"])
+    for name, (E, k) in {"teacher": (1, 1), "student": student}.items():
+        model = default_model(device, E, k, preset=preset)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         rng = random.Random(0)
         draw = lambda: data.encode_example(enc, train[rng.randrange(len(train))])
@@ -178,7 +197,8 @@ def bench_training(device, rows=8, steps=10):
 
         def step(b):
             idx, targets, pos, mask, _ = b
-            _, loss = model(idx, targets, pos=pos, attn_mask=mask)
+            with common.autocast(torch.device(device)):
+                _, loss = model(idx, targets, pos=pos, attn_mask=mask)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -190,9 +210,15 @@ def bench_training(device, rows=8, steps=10):
         for b in batches[2:]:
             step(b)
         _sync(torch.device(device))
-        out[f"train_tokens_per_s_{name}"] = round(steps * rows * model.config.block_size / (time.perf_counter() - t0))
-    print(f"training tokens/s ({rows} rows x 128): teacher {out['train_tokens_per_s_teacher']:,}, "
-          f"student E8 k2 {out['train_tokens_per_s_student']:,}")
+        tps = steps * rows * model.config.block_size / (time.perf_counter() - t0)
+        out[f"train_tokens_per_s_{name}"] = round(tps)
+        if peak_tflops:
+            mfu = tps * train_flops_per_token(model, model.config.block_size) / (peak_tflops * 1e12)
+            out[f"train_mfu_{name}"] = round(mfu, 4)
+    mfu = (f" (MFU {out['train_mfu_teacher']:.1%} / {out['train_mfu_student']:.1%} of {peak_tflops:g} TFLOP/s)"
+           if peak_tflops else "")
+    print(f"training tokens/s, {preset} shapes ({rows} rows x 128): teacher {out['train_tokens_per_s_teacher']:,}, "
+          f"student E{student[0]} k{student[1]} {out['train_tokens_per_s_student']:,}{mfu}")
     return out
 
 
@@ -224,6 +250,10 @@ def main():
     p.add_argument("--sizes", default=None,
                    help="comma list of N:d for the kernel section; the first one gets the plain "
                         "E*_k* keys (default 4096:128, plus 65536:1024 on cuda)")
+    p.add_argument("--nondeterministic", action="store_true",
+                   help="on CUDA, time without the deterministic mode the scripts run in")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="the GPU's dense bf16 peak for MFU (989: H100 / H200 SXM)")
     args = p.parse_args()
 
     device = args.device
@@ -239,9 +269,19 @@ def main():
         "torch": torch.__version__,
         "keep_freed_memory": args.keep_freed_memory and keep_freed_memory(),
     }
+    cuda = device == "cuda"
+    if cuda and not args.nondeterministic:
+        common.deterministic_cuda()
+    results["deterministic"] = cuda and not args.nondeterministic
     results.update(bench_kernel(device, repeats=args.repeats, sizes=sizes))
+    if cuda:
+        for key, v in bench_kernel(device, repeats=args.repeats, sizes=sizes, dtype=torch.bfloat16).items():
+            results[key].update(v)
     results.update(bench_kv_cache(device))
-    results.update(bench_training(device))
+    if cuda:
+        results.update(bench_training(device, rows=64, preset="gpu", peak_tflops=args.peak_tflops))
+    else:
+        results.update(bench_training(device))
     results.update(pipeline_peak_memory(args.run))
 
     if args.json:

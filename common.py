@@ -58,6 +58,8 @@ def add_run_args(parser, seed_help="seed"):
     parser.add_argument("--resume", action="store_true", help="continue from <out>.resume.pt if present")
     parser.add_argument("--log", help="JSON-lines metrics log (default: next to --out)")
     parser.add_argument("--n-test", type=int, help="test problems graded at the end (preset if unset)")
+    parser.add_argument("--nondeterministic", action="store_true",
+                        help="on CUDA, allow kernels that sum in arrival order: faster, not bit-reproducible")
 
 
 def setup(args, presets, stage):
@@ -69,6 +71,8 @@ def setup(args, presets, stage):
     if getattr(args, "n_test", 1) < 1:
         raise UserError(f"--n-test {args.n_test}: every stage grades at least one test problem")
     device = pick_device(args.device)
+    if device.type == "cuda" and not getattr(args, "nondeterministic", False):
+        deterministic_cuda()
     init_distributed(device)
     seed_all(args.seed)  # the same on every rank: models start identical, batches are drawn alike
     log = args.log or os.path.join(os.path.dirname(os.path.abspath(args.out)), f"{stage}.jsonl")
@@ -81,6 +85,20 @@ def autocast(device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def deterministic_cuda():
+    """Same seed, same GPU: same numbers. CUDA's index_add_ / scatter-add (the MoE kernel's
+    un-permute, embedding backward) sum with atomics in whatever order threads arrive;
+    deterministic mode picks sorted kernels instead, and cuBLAS needs a fixed workspace for it.
+    warn_only: an op with no deterministic kernel warns rather than stops a run. The fused
+    attention kernels (cuDNN, flash, memory-efficient) keep atomics in their backward under
+    warn_only (torch 2.11 on an H200 warned for cuDNN, then for flash), so attention runs on
+    the math backend: plain matmuls and a softmax. --nondeterministic skips all of this."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    for fused in ("cudnn", "flash", "mem_efficient"):
+        getattr(torch.backends.cuda, f"enable_{fused}_sdp")(False)
 
 
 def seed_all(seed):

@@ -57,6 +57,7 @@ from torch.autograd.function import once_differentiable
 
 PAD_SLACK = 1.1  # use padded bmm while E * max_block <= PAD_SLACK * N * k
 _grouped_mm_ok = hasattr(F, "grouped_mm")
+_grouped_mm_failed = set()  # (device type, dtype) that F.grouped_mm rejected once: not tried again
 _scratch_bufs = threading.local()  # per thread, so concurrent callers never share one
 
 
@@ -72,7 +73,7 @@ def _scratch(slot, shape, like):
 
 
 def _use_grouped_mm(x, h):
-    if not _grouped_mm_ok or x.device.type != "cuda":
+    if not _grouped_mm_ok or x.device.type != "cuda" or (x.device.type, x.dtype) in _grouped_mm_failed:
         return False
     # grouped_mm wants every row stride to be a multiple of 16 bytes, and has no float64
     align = 16 // x.element_size()
@@ -80,14 +81,16 @@ def _use_grouped_mm(x, h):
 
 
 def _grouped_mm(a, b, offs):
-    """F.grouped_mm, or None if it rejects these inputs (we then stop trying it)."""
-    global _grouped_mm_ok
-    if _grouped_mm_ok:
+    """F.grouped_mm, or None if it rejects these inputs. We then stop trying it for this dtype
+    only: a build may take bf16 (the fused sm90 kernel) but not float32, and one float32 call
+    (say, an fp32 evaluation) must not cost the bf16 training steps their fast path."""
+    key = (a.device.type, a.dtype)
+    if key not in _grouped_mm_failed:
         try:
             return F.grouped_mm(a, b, offs=offs)
         except RuntimeError as err:
-            _grouped_mm_ok = False
-            warnings.warn(f"F.grouped_mm failed ({err}); moe_ffn falls back to a torch.mm loop")
+            _grouped_mm_failed.add(key)
+            warnings.warn(f"F.grouped_mm failed for {a.dtype} ({err}); moe_ffn falls back to a torch.mm loop")
     return None
 
 

@@ -352,3 +352,19 @@ def test_max_vio():
     assert float(max_vio(torch.tensor([5.0, 5, 5, 5]))) == 0.0
     assert float(max_vio(torch.tensor([2.0, 1, 1, 0]))) == pytest.approx(1.0)
     assert max_vio(torch.tensor([[2.0, 2], [3.0, 1]])).tolist() == pytest.approx([0.0, 0.5])
+
+
+def test_deterministic_cuda_mode_leaves_only_deterministic_kernels():
+    """What every script sets on CUDA (set here on any machine: the switches are global)."""
+    fused = ("cudnn", "flash", "mem_efficient")
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              [getattr(torch.backends.cuda, f"{f}_sdp_enabled")() for f in fused])
+    try:
+        common.deterministic_cuda()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not any(getattr(torch.backends.cuda, f"{f}_sdp_enabled")() for f in fused)
+        assert torch.backends.cuda.math_sdp_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        for f, on in zip(fused, before[2]):
+            getattr(torch.backends.cuda, f"enable_{f}_sdp")(on)
