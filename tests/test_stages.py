@@ -11,7 +11,7 @@ import common
 from model import GPT, GPTConfig, count_params
 from stage1_cluster import (balanced_assign, balanced_kmeans, build_student, decompress, expert_neurons,
                             neuron_profiles, teacher_path)
-from stage2_distill import adaptive_lambda, path_kl, switch_aux_loss, token_kl_loss
+from stage2_distill import adaptive_lambda, gold_ce, path_kl, switch_aux_loss, token_kl_loss
 from stage3_prgrpo import (bucket, clipped_surrogate, expert_share, group_advantages, length_buckets, minibatch_rows,
                            policy_loss, router_shift, router_shift_weight, token_logprobs)
 from stage4_balance import balance_reward, bias_update, calibrate_bias, sample_load
@@ -368,3 +368,14 @@ def test_deterministic_cuda_mode_leaves_only_deterministic_kernels():
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         for f, on in zip(fused, before[2]):
             getattr(torch.backends.cuda, f"enable_{f}_sdp")(on)
+
+
+def test_gold_ce_averages_over_gold_tokens_only():
+    """Rows the student wrote itself (on-policy) and padding (-1) carry no gold loss."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 5, generator=g)
+    targets = torch.tensor([[1, 2, -1, -1], [0, 4, 4, 3], [2, -1, -1, -1]])
+    want = [-logits[b, t].log_softmax(-1)[targets[b, t]] for b in (0, 2) for t in range(4) if targets[b, t] >= 0]
+    got = gold_ce(logits, targets, [1], torch.device("cpu"))
+    assert got.item() == pytest.approx(float(sum(want) / len(want)), rel=1e-6)
+    assert gold_ce(logits, targets, [0, 1, 2], torch.device("cpu")).item() == 0.0  # nothing gold left
