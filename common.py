@@ -97,6 +97,8 @@ def deterministic_cuda():
     the math backend: plain matmuls and a softmax. --nondeterministic skips all of this."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # deterministic mode also NaN-fills every new_empty; the kernel's scratch is always overwritten
+    torch.utils.deterministic.fill_uninitialized_memory = False
     for fused in ("cudnn", "flash", "mem_efficient"):
         getattr(torch.backends.cuda, f"enable_{fused}_sdp")(False)
 
@@ -334,7 +336,7 @@ def global_weight(n_local, device):
     if world() == 1:
         return 1.0
     n = all_reduce(torch.tensor(float(n_local), device=device))
-    return n_local * world() / float(n)
+    return n_local * world() / float(n) if n else 0.0  # no such token on any rank: nothing to weigh
 
 
 def sync_grads(model):

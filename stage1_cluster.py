@@ -111,7 +111,7 @@ def balanced_assign(sim, capacity):
     H, E = sim.shape
     assign, room, left = [-1] * H, [capacity] * E, H
     # plain lists, not tensor indexing: at the gpu preset (2048 neurons x 16 experts x 25
-    # k-means iterations x 8 layers) this loop is the whole of Stage I's clustering time
+    # k-means iterations x 8 layers) element-wise tensor indexing here cost tens of seconds
     for flat in torch.argsort(sim.flatten(), descending=True).tolist():
         i, e = divmod(flat, E)
         if assign[i] < 0 and room[e] > 0:

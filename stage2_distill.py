@@ -212,8 +212,8 @@ def main():
         vflat = valid.flatten()
         l_bal = sum(switch_aux_loss(f.router_probs[vflat], f.topk_idx[vflat]) for f in student.ffns)
         loss = l_tok + args.w_path * l_path + args.w_bal * l_bal
-        if args.w_gold:
-            loss = loss + args.w_gold * gold_ce(s_logits, targets, on, device)
+        l_gold = gold_ce(s_logits, targets, on, device) if args.w_gold else torch.zeros(())
+        loss = loss + args.w_gold * l_gold
         for group in opt.param_groups:
             group["lr"] = common.lr_at(step, args.steps, args.lr, final=args.lr_final)
         opt.zero_grad(set_to_none=True)
@@ -225,7 +225,7 @@ def main():
             kl_curve.append((step + 1, kl))
             lam = adaptive_lambda(kl, kl0, args.lam_max)
             common.append_jsonl(log, dict(stage="stage2", step=step + 1, loss_tok=l_tok.item(), loss_path=common.item(l_path),
-                                          loss_bal=common.item(l_bal), heldout_kl=kl, lam=lam, on_policy_rows=len(on)))
+                                          loss_bal=common.item(l_bal), loss_gold=common.item(l_gold), heldout_kl=kl, lam=lam, on_policy_rows=len(on)))
             pbar.write(f"step {step + 1}: held-out KL(T||S) {kl:.4f}, lambda -> {lam:.2f}")
             if step + 1 < args.steps:
                 common.save_resume(args, student, opt, step + 1, sckpt["tokenizer"], kl_curve=kl_curve)

@@ -18,6 +18,7 @@ import moe_kernel
 from model import GPT, GPTConfig
 from moe_kernel import moe_ffn, moe_ffn_reference
 from test_moe_kernel import make_case, plan_kind, value_and_grads
+from test_stages import restored_determinism_switches
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call of this process
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -103,7 +104,14 @@ def test_kv_cache_generation_on_cuda():
 
 def test_training_steps_repeat_bit_for_bit_on_cuda():
     """Same seed, same GPU: same weights, in the deterministic mode every script sets."""
-    common.deterministic_cuda()
+    with restored_determinism_switches():
+        common.deterministic_cuda()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*non-?deterministic.*")  # name the op that breaks it
+            _repeat_bit_for_bit()
+
+
+def _repeat_bit_for_bit():
 
     def train():
         m = small("cuda")

@@ -1,6 +1,7 @@
 """The pure pieces of each PADD stage, against hand computations."""
 
 import argparse
+import contextlib
 import math
 
 import pytest
@@ -354,20 +355,32 @@ def test_max_vio():
     assert max_vio(torch.tensor([[2.0, 2], [3.0, 1]])).tolist() == pytest.approx([0.0, 0.5])
 
 
-def test_deterministic_cuda_mode_leaves_only_deterministic_kernels():
-    """What every script sets on CUDA (set here on any machine: the switches are global)."""
-    fused = ("cudnn", "flash", "mem_efficient")
+FUSED_ATTENTION = ("cudnn", "flash", "mem_efficient")
+
+
+@contextlib.contextmanager
+def restored_determinism_switches():
+    """common.deterministic_cuda flips process-wide switches: put them back for later tests."""
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              [getattr(torch.backends.cuda, f"{f}_sdp_enabled")() for f in fused])
+              [getattr(torch.backends.cuda, f"{f}_sdp_enabled")() for f in FUSED_ATTENTION],
+              torch.utils.deterministic.fill_uninitialized_memory)
     try:
-        common.deterministic_cuda()
-        assert torch.are_deterministic_algorithms_enabled()
-        assert not any(getattr(torch.backends.cuda, f"{f}_sdp_enabled")() for f in fused)
-        assert torch.backends.cuda.math_sdp_enabled()
+        yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        for f, on in zip(fused, before[2]):
+        for f, on in zip(FUSED_ATTENTION, before[2]):
             getattr(torch.backends.cuda, f"enable_{f}_sdp")(on)
+        torch.utils.deterministic.fill_uninitialized_memory = before[3]
+
+
+def test_deterministic_cuda_mode_leaves_only_deterministic_kernels():
+    """What every script sets on CUDA (set here on any machine: the switches are global)."""
+    with restored_determinism_switches():
+        common.deterministic_cuda()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.utils.deterministic.fill_uninitialized_memory
+        assert not any(getattr(torch.backends.cuda, f"{f}_sdp_enabled")() for f in FUSED_ATTENTION)
+        assert torch.backends.cuda.math_sdp_enabled()
 
 
 def test_gold_ce_averages_over_gold_tokens_only():
