@@ -42,9 +42,13 @@ linked from an earlier study instead of recomputed:
 
 Every `<out>` records its preset and extra flags in `<out>/plan.json`, and a run whose plan
 differs is refused: a checkpoint made under other flags would otherwise be skipped as done.
+The code is not pinned that way (a fix to a stage should not throw a study away), but every
+node's record carries the commit it ran at (`-dirty` with uncommitted changes): resuming an
+`<out>` made at another commit warns, RESULTS.md lists the commits when they are mixed, and
+summary.json's `commit` is the nodes' commit when they share one.
 
 Writes `<results>/summary.json`, `<results>/figures/*.png` and `--md` (RESULTS.md); every
-finished node appends {node, seed, seconds, returncode, time} to `<out>/ablate.jsonl` and its
+finished node appends {node, seed, seconds, returncode, commit, time} to `<out>/ablate.jsonl` and its
 output to `<out>/seed<S>/<node>.log`.
 
 Deviations and caveats:
@@ -375,9 +379,8 @@ def busy_wall(intervals):
     return total
 
 
-def study_time(jsonl, keys):
-    """(sum of node seconds, wall clock, keys without a timing, summed seconds per stage script)
-    from the last successful record of each (node, seed) in keys."""
+def last_records(jsonl):
+    """{(node, seed): the last successful record} of <out>/ablate.jsonl ({} if absent)."""
     last = {}
     if os.path.exists(jsonl):
         with open(jsonl) as f:
@@ -385,6 +388,25 @@ def study_time(jsonl, keys):
                 r = json.loads(line)
                 if r["returncode"] == 0:
                     last[r["node"], r["seed"]] = r
+    return last
+
+
+def node_commits(jsonl, keys):
+    """{commit: how many of keys' checkpoints were made at it}, from ablate.jsonl. Records older
+    than the commit field count as "unrecorded"; checkpoints linked by --reuse have no record."""
+    last = last_records(jsonl)
+    counts = {}
+    for k in keys:
+        if k in last:
+            c = last[k].get("commit", "unrecorded")
+            counts[c] = counts.get(c, 0) + 1
+    return counts
+
+
+def study_time(jsonl, keys):
+    """(sum of node seconds, wall clock, keys without a timing, summed seconds per stage script)
+    from the last successful record of each (node, seed) in keys."""
+    last = last_records(jsonl)
     timed = [last[k] for k in keys if k in last]
     per_script = {}
     for r in timed:
@@ -634,8 +656,10 @@ def plot_all(summary, metrics, fig_dir):
 
 # ----------------------------------------------------------------------------- RESULTS.md
 
-def markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, md_path, sweeps=(), by_problem=None):
-    """The write-up; by_problem (problem_gaps) fills the paired table's last column."""
+def markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, md_path, sweeps=(), by_problem=None,
+             made_at=None):
+    """The write-up; by_problem (problem_gaps) fills the paired table's last column; made_at
+    (node_commits) is said when the checkpoints come from more than one commit."""
     seeds, var = summary["seeds"], summary["variants"]
     subs = list(dict.fromkeys(s for d in var.values() for s in d["per_subdomain"]))
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
@@ -648,8 +672,11 @@ def markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, md_pa
          f"which runs, for each seed S (shown for S = {seeds[0]}; each also gets `--log <out>/seed<S>/<node>.jsonl --resume`):", "",
          "```bash", *node_cmds, "```", "",
          f"Wall time: {wall / 60:.1f} min wall clock, {node_seconds / 60:.1f} min summed over nodes"
-         + (f" ({len(untimed)} checkpoints have no timing in ablate.jsonl)" if untimed else "") + ".", "",
-         "## Results", "",
+         + (f" ({len(untimed)} checkpoints have no timing in ablate.jsonl)" if untimed else "") + ".", ""]
+    if made_at and (len(made_at) > 1 or any(c.endswith("-dirty") for c in made_at)):
+        L += ["Checkpoints made at: " + ", ".join(f"`{c}` ({n})" for c, n in made_at.items())
+              + " (plan.json pins the flags, not the code).", ""]
+    L += ["## Results", "",
          "| variant | what | acc | seeds | " + " | ".join(SHORT.get(s, s) for s in subs) + " | MaxVio | active | total |",
          "|---|---|---|---|" + "---|" * len(subs) + "---|---|---|"]
     t = summary["teacher"]
@@ -705,10 +732,17 @@ def markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, md_pa
     return "\n".join(L) + "\n"
 
 
-def git_commit():
+def git_commit(dirty=False):
+    """HEAD's sha ("unknown" outside a git checkout); with dirty, "-dirty" appended when a tracked
+    file differs from it, since then the checkpoints come from code no commit holds."""
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10)
-        return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
+        sha = r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
+        if dirty and sha != "unknown":
+            d = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True, timeout=10)
+            sha += "-dirty" if d.stdout.strip() else ""
+        return sha
     except OSError:
         return "unknown"
 
@@ -740,6 +774,13 @@ def main():
         check_reuse(args.reuse, args.preset, [n for n in nodes if not touched(n, extra)])
 
     if not args.report_only:
+        head = git_commit(dirty=True)
+        stale = {c: n for c, n in node_commits(jsonl, keys).items() if c != head}
+        if stale:
+            # plan.json pins the flags, not the code: a stage changed since would be mixed in silently
+            print(f"warning: {args.out} holds checkpoints made at other commits ("
+                  + ", ".join(f"{n} at {c[:12]}" for c, n in stale.items()) + f") than {head[:12]}; "
+                  "they are kept as done (give another --out to redo them)", file=sys.stderr)
         if args.reuse:
             print(f"linked {link_reused(nodes, seeds, args.out, args.reuse, extra)} checkpoints from {args.reuse}")
         # single-threaded processes side by side: at our matrix sizes two processes on two
@@ -761,7 +802,7 @@ def main():
                                       stderr=subprocess.STDOUT, env=env).returncode
 
         def on_done(node, seed, rc, seconds):
-            common.append_jsonl(jsonl, dict(node=node, seed=seed, seconds=round(seconds, 1), returncode=rc))
+            common.append_jsonl(jsonl, dict(node=node, seed=seed, seconds=round(seconds, 1), returncode=rc, commit=head))
             bar.update(1)
             bar.write(f"{'done' if rc == 0 else 'FAILED'} seed {seed} {node} ({seconds:.0f} s)")
 
@@ -779,7 +820,10 @@ def main():
                for n, s in keys if os.path.exists(ckpt(args.out, s, n))}
     if not metrics:
         raise common.UserError(f"no checkpoints under {args.out}/seed*/ for seeds {seeds}; run without --report-only first")
-    summary = build_summary(metrics, seeds, args.preset, git_commit(), variants)
+    made_at = node_commits(jsonl, keys)
+    # the sha the numbers come from: the one commit every recorded node ran at, else HEAD's
+    commit = next(iter(made_at)) if len(made_at) == 1 and "unrecorded" not in made_at else git_commit()
+    summary = build_summary(metrics, seeds, args.preset, commit, variants)
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -797,7 +841,8 @@ def main():
         # sweeps written into subfolders of --results (e.g. results/mu4/RESULTS.md) get a link
         sweeps = sorted(p for p in glob.glob(os.path.join(args.results, "*", "RESULTS.md"))
                         if os.path.abspath(p) != os.path.abspath(args.md))
-        f.write(markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, args.md, sweeps, by_problem))
+        f.write(markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, args.md, sweeps, by_problem,
+                         made_at))
     print(f"wrote {os.path.join(args.results, 'summary.json')}, {len(figs)} figures in "
           f"{os.path.join(args.results, 'figures')}, {args.md}")
     for target, verdict, numbers in verdicts:

@@ -39,6 +39,15 @@ validation problems): the decay is what makes the larger step pay, as it did for
 Raising the kept distillation term (`--w-distill` 0.3 or 1.0, at either lr) landed between
 the two (44.3 to 44.5).
 
+Measured again once Stage II had its gold cross-entropy (the 0bd093d study's Stage II
+checkpoints, seeds 1 / 2, all 500 validation problems): Stage II 43.2 / 45.0 (mean 44.1);
+PR-GRPO at the default 44.2 / 43.0 (43.6); lr 5e-5 44.0 / 44.6 (44.3); lr 2e-5 43.0 / 45.2
+(44.1); sampling temperature 0.7 43.4 / 43.6 (43.5); vanilla GRPO at the default 41.6 / 42.2
+(41.9). Every PR-GRPO setting lands within a seed's noise (~2 points at 500 problems) of the
+Stage II it starts from: 40 steps of 128 samples move the train reward from ~0.33 to ~0.35
+and greedy accuracy not measurably. The default is unchanged; RESULTS.md says what this means
+for the claims.
+
 Router shift: every `--rs-every` steps the student's router distributions G_u on a fixed probe
 batch (validation prompts + gold solutions, teacher-forced) are compared with the previous
 probe,  RS(u, u') = mean_l E_t sum_j |G_u(x_t)_j - G_u'(x_t)_j|,  and appended to the run's

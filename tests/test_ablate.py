@@ -155,6 +155,25 @@ def test_busy_wall_and_study_time(tmp_path):
     assert per_script == {"train_teacher.py": 10, "stage1_cluster.py": 8}
 
 
+def test_node_commits_count_the_last_successful_record(tmp_path):
+    p = tmp_path / "ablate.jsonl"
+    recs = [dict(time=1, node="teacher", seed=0, seconds=1, returncode=0),                     # before the field
+            dict(time=2, node="s1_cluster", seed=0, seconds=1, returncode=0, commit="aaa"),
+            dict(time=3, node="s2", seed=0, seconds=1, returncode=0, commit="aaa"),
+            dict(time=4, node="s2", seed=0, seconds=1, returncode=0, commit="bbb-dirty"),      # redone later
+            dict(time=5, node="s2", seed=1, seconds=1, returncode=1, commit="ccc")]            # failed
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    keys = [("teacher", 0), ("s1_cluster", 0), ("s2", 0), ("s2", 1)]
+    assert ablate.node_commits(str(p), keys) == {"unrecorded": 1, "aaa": 1, "bbb-dirty": 1}
+    assert ablate.node_commits(str(p), keys[1:2]) == {"aaa": 1}
+    assert ablate.node_commits(str(tmp_path / "none.jsonl"), keys) == {}
+    ms = fake_metrics([0], lambda n, s: 0.3)
+    summ = build_summary(ms, [0], "tiny", "aaa")
+    args = (summ, ms, claims(summ), "python ablate.py", [], (60.0, 30.0, [], {}), {}, str(tmp_path / "R.md"))
+    assert "Checkpoints made at: `aaa` (1), `bbb-dirty` (1)" in ablate.markdown(*args, made_at={"aaa": 1, "bbb-dirty": 1})
+    assert "Checkpoints made at" not in ablate.markdown(*args, made_at={"aaa": 3})
+
+
 def fake_metrics(seeds, acc):
     """{(node, seed): metrics} for every node, as the stage scripts write them; acc(node, seed)."""
     subs = ["algebra", "geometry"]
