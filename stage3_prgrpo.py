@@ -153,12 +153,24 @@ def group_advantages(rewards, group, eps=1e-6):
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + eps)).view(-1)
 
 
+def importance_ratio(logp, logp_old, gamma=None):
+    """rho_t = gamma_t * pi_theta(y_t) / pi_old(y_t) (gamma None: 1)."""
+    rho = torch.exp(logp - logp_old)
+    return rho if gamma is None else gamma * rho
+
+
 def clipped_surrogate(logp, logp_old, adv, clip, gamma=None):
     """Per-token PPO/GRPO objective to *minimise*: -min(rho A, clip(rho) A), rho = gamma * ratio."""
-    rho = torch.exp(logp - logp_old)
-    if gamma is not None:
-        rho = gamma * rho
+    rho = importance_ratio(logp, logp_old, gamma)
     return -torch.min(rho * adv, rho.clamp(1 - clip, 1 + clip) * adv)
+
+
+def clipped_tokens(logp, logp_old, adv, clip, gamma=None):
+    """Tokens on the clipped branch of the surrogate, which carry no policy gradient: A > 0 with
+    rho > 1 + eps, A < 0 with rho < 1 - eps. Logged as clip_frac because it is where RSPO acts
+    hardest: a gamma below 1 - eps puts a token of negative advantage there whatever its ratio."""
+    rho = importance_ratio(logp, logp_old, gamma).detach()
+    return ((adv > 0) & (rho > 1 + clip)) | ((adv < 0) & (rho < 1 - clip))
 
 
 def router_shift_weight(logg_new, logg_old, topk_old, gamma_min):
@@ -205,7 +217,10 @@ def length_buckets(lengths, max_tokens):
 
 def bucket(ro, tok_adv, rows, T):
     """The rollout's rows `rows` cut to T columns, with their tokens' entries of the per-token
-    tensors (which list the batch's loss tokens row by row, so `pos` keeps their order)."""
+    tensors. Those list the batch's loss tokens row by row in ascending row order, so `pos` is
+    in that order and the rows must be too: a minibatch's rows come in a random order, and
+    unsorted they would pair each token's new log-prob with another token's old one."""
+    rows = rows.sort().values
     pos = torch.isin(ro["sample_of_token"], rows).nonzero().squeeze(1)
     targets = ro["targets"][rows, :T]
     return dict(pos=pos, idx=ro["idx"][rows, :T], targets=targets, mask=targets >= 0, valid=ro["valid"][rows, :T],
@@ -217,7 +232,7 @@ def policy_loss(student, b, args, counts, tok_weight=1.0):
     """Bucket b's share of the step's loss (the docstring's L for `--algo`): every token term is
     a sum over b's tokens divided by the whole batch's count (counts: tokens, good = tokens of
     A > 0 samples, valid = non-pad tokens), so the buckets' losses add up to the batch's.
-    Returns (loss, gamma per token or None)."""
+    Returns (loss, diagnostics: gamma per token or None, and the clipped_tokens mask)."""
     with common.autocast(b["idx"].device):
         logits, _ = student(b["idx"])
     mflat = b["mask"].flatten()
@@ -248,7 +263,21 @@ def policy_loss(student, b, args, counts, tok_weight=1.0):
         aux = sum(f.router_probs.size(-1) * (share * f.router_probs[vflat].sum(0)).sum()
                   for share, f in zip(counts["share"], student.ffns))
         loss = loss + args.w_aux * aux / counts["valid"]
-    return loss, gamma
+    return loss, dict(gamma=gamma, clipped=clipped_tokens(logp, b["logp_old"], b["adv"], args.clip, gamma))
+
+
+def update_stats(diags, gamma_min):
+    """What the log says of one update, from its buckets' policy_loss diagnostics: the mean RSPO
+    weight gamma, its spread over tokens, the share of tokens held at the floor gamma_min, and
+    the share on the clipped branch. A near-uniform gamma only rescales the step, which AdamW's
+    per-parameter normalisation undoes, so gamma_std says whether RSPO can act at all."""
+    clipped = torch.cat([d["clipped"] for d in diags]).float()
+    out = dict(gamma=1.0, gamma_std=0.0, gamma_floor=0.0, clip_frac=float(clipped.mean()))
+    if diags[0]["gamma"] is not None:
+        g = torch.cat([d["gamma"] for d in diags]).float()
+        out.update(gamma=float(g.mean()), gamma_std=float(g.std(unbiased=False)),
+                   gamma_floor=float((g <= gamma_min).float().mean()))
+    return out
 
 
 @torch.no_grad()
@@ -381,14 +410,14 @@ def train(args, sample_reward=None, after_rollout=None, before_loop=None):
                 if args.w_aux > 0:
                     counts["share"] = expert_share(student, buckets)
                 opt.zero_grad(set_to_none=True)
-                loss, gammas = 0.0, []
+                loss, diags = 0.0, []
                 for b in buckets:  # gradient accumulation: each bucket's loss is its share of the minibatch's
-                    part, gamma = policy_loss(student, b, args, counts, tok_weight)
+                    part, diag = policy_loss(student, b, args, counts, tok_weight)
                     part.backward()
                     loss += part.detach()  # no .item() per bucket: on CUDA that is a sync each time
-                    gammas.append(gamma)
+                    diags.append(diag)
                 common.optimizer_step(student, opt)
-                stats = dict(loss=float(loss), gamma=float(torch.cat(gammas).mean()) if gammas[0] is not None else 1.0)
+                stats = dict(loss=float(loss), **update_stats(diags, args.gamma_min))
         acc, mean_reward = (float(v) / common.world() for v in
                             common.all_reduce(torch.tensor([float(ro["correct"].mean()), float(rewards.mean())], device=device)))
         rewards_curve.append(acc)

@@ -13,8 +13,8 @@ from model import GPT, GPTConfig, count_params
 from stage1_cluster import (balanced_assign, balanced_kmeans, build_student, decompress, expert_neurons,
                             neuron_profiles, teacher_path)
 from stage2_distill import adaptive_lambda, gold_ce, path_kl, switch_aux_loss, token_kl_loss
-from stage3_prgrpo import (bucket, clipped_surrogate, expert_share, group_advantages, length_buckets, minibatch_rows,
-                           policy_loss, router_shift, router_shift_weight, token_logprobs)
+from stage3_prgrpo import (bucket, clipped_surrogate, clipped_tokens, expert_share, group_advantages, length_buckets,
+                           minibatch_rows, policy_loss, router_shift, router_shift_weight, token_logprobs, update_stats)
 from stage4_balance import balance_reward, bias_update, calibrate_bias, sample_load
 from eval_math import max_vio
 from train_teacher import ema_update
@@ -190,6 +190,26 @@ def test_clipped_surrogate_gradient_vanishes_outside_the_clip():
     assert lp.grad[0] == 0 and lp.grad[1] != 0
 
 
+def test_clipped_tokens_are_those_whose_gradient_vanishes():
+    lp = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5, 1.0, 1.0, 1.0])).requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 2.0, -1.0, 0.0])
+    g = torch.tensor([1, 1, 1, 1, 1, 0.5, 0.5])  # a gamma at the floor clips an A < 0 token at ratio 1
+    mask = clipped_tokens(lp, torch.zeros(7), adv, 0.2, g)
+    assert mask.tolist() == [True, False, False, True, False, True, False]
+    clipped_surrogate(lp, torch.zeros(7), adv, 0.2, g).sum().backward()
+    assert torch.equal(lp.grad[:6] == 0, mask[:6])  # A = 0 (last) has no gradient on either branch
+    assert clipped_tokens(lp, torch.zeros(7), adv, 0.2)[5].item() is False
+
+
+def test_update_stats_spread_floor_and_clip_share():
+    d = [dict(gamma=torch.tensor([0.5, 1.0]), clipped=torch.tensor([True, False])),
+         dict(gamma=torch.tensor([0.5, 1.0]), clipped=torch.tensor([False, False]))]
+    s = update_stats(d, 0.5)
+    assert s == pytest.approx(dict(gamma=0.75, gamma_std=0.25, gamma_floor=0.5, clip_frac=0.25))
+    s = update_stats([dict(gamma=None, clipped=torch.tensor([False, True]))], 0.5)
+    assert s == dict(gamma=1.0, gamma_std=0.0, gamma_floor=0.0, clip_frac=0.5)
+
+
 def test_router_shift_hand_distributions():
     a = [torch.tensor([[0.5, 0.5], [1.0, 0.0]])]
     b = [torch.tensor([[1.0, 0.0], [1.0, 0.0]])]
@@ -234,9 +254,26 @@ def test_minibatch_rows_split_every_row_once():
     assert len(minibatch_rows(2, 4)) == 2  # never an empty minibatch
 
 
-def small_rollout():
+def test_bucket_lines_up_its_tokens_with_the_rollout_whatever_the_row_order():
+    # a minibatch is a random subset, so its rows reach bucket() unsorted; before the fix the
+    # model's tokens came in that order and logp_old / adv / logg_old in ascending order
+    model, ro = small_rollout(moved=False)  # the rollout's own weights: ratio 1, gamma 1
+    tok_adv = torch.arange(len(ro["logp_old"]), dtype=torch.float)
+    for rows in (torch.tensor([4, 1, 3]), torch.tensor([5, 0, 2, 1])):
+        b = bucket(ro, tok_adv, rows, int(ro["valid"][rows].sum(1).max()))
+        with torch.no_grad():
+            logits, _ = model(b["idx"])
+            logp = token_logprobs(logits, b["targets"])
+            logg = [f.router_probs[b["mask"].flatten()].log() for f in model.ffns]
+        assert torch.allclose(logp, b["logp_old"], atol=1e-6)
+        assert torch.equal(ro["sample_of_token"][b["pos"]], ro["sample_of_token"][b["pos"]].sort().values)
+        g = router_shift_weight(logg, b["logg_old"], b["topk_old"], 0.5)
+        assert torch.allclose(g, torch.ones_like(g), atol=1e-5)
+
+
+def small_rollout(moved=True):
     """A tiny MoE student and a rollout-like batch of six rows of different lengths, the policy
-    moved a little since (so ratios and gamma differ from 1)."""
+    moved a little since (so ratios and gamma differ from 1) unless moved=False."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, n_expert=4, top_k=2))
     lens = [(3, 9), (5, 2), (4, 14), (2, 6), (6, 11), (3, 3)]
@@ -251,7 +288,7 @@ def small_rollout():
                   topk_old=[f.topk_idx[mflat] for f in model.ffns],
                   sample_of_token=torch.arange(len(lens))[:, None].expand_as(targets)[targets >= 0])
         for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(0.05 * torch.randn_like(p) * moved)
     return model, ro
 
 
