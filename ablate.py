@@ -485,11 +485,30 @@ def noise_note(by_problem):
     return "; over the test problems (95%), PADD is " + "; ".join(x for x in parts if x)
 
 
-def claims(summary, wall_seconds=None, gamma=None, per_script=None, by_problem=None):
+def seed_shifts(metrics, seeds):
+    """{algo: [each seed's router shift over the last third of Stage III]} (the node's own
+    late mean), for the seeds whose node finished: what the paired comparison reads."""
+    return {a: [metrics[n, s]["router_shift"] for s in seeds if (n, s) in metrics]
+            for a, n in RS_NODES.items() if all((n, s) in metrics for s in seeds)}
+
+
+def paired_shift_text(shifts):
+    """Seed by seed, each algorithm's late router shift against the next one's in the claimed
+    order (they start from the same Stage II checkpoint), as relative gaps and a count."""
+    parts = []
+    for lo, hi in (("prgrpo", "rspo"), ("rspo", "grpo")):
+        if lo in shifts and hi in shifts:
+            rel = [100 * (a - b) / b for a, b in zip(shifts[lo], shifts[hi])]
+            parts.append(f"{lo} vs {hi} {', '.join(f'{r:+.0f}%' for r in rel)} "
+                         f"({sum(r < 0 for r in rel)} of {len(rel)} below)")
+    return "; per seed, " + "; ".join(parts) if parts else ""
+
+
+def claims(summary, wall_seconds=None, gamma=None, per_script=None, by_problem=None, shifts=None):
     """The study's targets, judged on the numbers: [(target, "holds" | "does not hold" |
     "not measured", the numbers behind it)]. gamma ({algo: late mean of RSPO's weight}),
-    per_script ({script: summed seconds}) and by_problem (problem_gaps) only add to the
-    explanation: a verdict is on the means, as the targets are stated."""
+    per_script ({script: summed seconds}), by_problem (problem_gaps) and shifts (seed_shifts)
+    only add to the explanation: a verdict is on the means, as the targets are stated."""
     out, var, pct = [], summary["variants"], lambda x: f"{100 * x:.1f}%"
     t = summary["teacher"]["acc"]
 
@@ -522,12 +541,12 @@ def claims(summary, wall_seconds=None, gamma=None, per_script=None, by_problem=N
         for a in ("prgrpo", "rspo", "grpo"):
             vals = last_third(rs[a]["steps"], rs[a]["mean"])
             late[a] = sum(vals) / len(vals)
-        text = ", ".join(f"{a} {late[a]:.4f}" for a in ("prgrpo", "rspo", "grpo"))
+        text = ", ".join(f"{a} {late[a]:.4f}" for a in ("prgrpo", "rspo", "grpo")) + paired_shift_text(shifts or {})
         if gamma:
             text += "; mean RSPO weight gamma over the last third (each step's last of its mu updates): " + ", ".join(f"{a} {g:.4f}" for a, g in gamma.items())
             if "rspo" in gamma and 1 - gamma["rspo"] < 0.01:
-                text += (" (within 1% of 1: between a rollout and its mu updates the router barely moves, so"
-                         " RSPO's reweighting leaves the update nearly unchanged on average and RSPO behaves as GRPO)")
+                text += (" (within 1% of 1: between a rollout and its updates the router barely moves, so"
+                         " RSPO reweights its tokens by under 1% on average and stays close to GRPO)")
         out.append(("router shift over the last third: PR-GRPO < RSPO < GRPO",
                     verdict(late["prgrpo"] < late["rspo"] < late["grpo"]), text))
     else:
@@ -832,7 +851,8 @@ def main():
     times = study_time(jsonl, keys)
     complete = len(summary["variants"]) == len(VARIANTS) and not times[2]
     by_problem = problem_gaps(metrics, seeds, summary["variants"])
-    verdicts = claims(summary, times[1] if complete else None, late_gamma(args.out, seeds), times[3], by_problem)
+    verdicts = claims(summary, times[1] if complete else None, late_gamma(args.out, seeds), times[3], by_problem,
+                      seed_shifts(metrics, seeds))
     shown = [a for a in sys.argv[1:] if a != "--report-only"]
     cmd_line = " ".join(["python ablate.py"] + [shlex.quote(a) for a in shown])
     node_cmds = [" ".join(["python"] + [shlex.quote(a) for a in command(n, seeds[0], args.preset, args.out, extra)])
