@@ -233,12 +233,13 @@ def check_plan(out, plan, write):
             json.dump(plan, f)
 
 
-def check_reuse(src, preset, nodes):
-    """What --reuse links (nodes) must come from the same preset, without extra flags of its own."""
+def check_reuse(src, preset):
+    """--reuse links only from a study of the same preset. Returns that study's extra flags: a
+    node they touched is not linked (it is not the plain node this run expects)."""
     old = read_plan(src) or {"preset": preset, "extra": {}}  # studies older than plan.json were plain
-    bad = sorted({NODES[n][0] for n in nodes} & set(old["extra"]))
-    if old["preset"] != preset or bad:
-        raise common.UserError(f"--reuse {src} was run with {old}: its {', '.join(bad) or 'preset'} differs from this run's")
+    if old["preset"] != preset:
+        raise common.UserError(f"--reuse {src} was run with preset {old['preset']}, not {preset}")
+    return old["extra"]
 
 
 def link_reused(nodes, seeds, out, src, extra):
@@ -790,7 +791,9 @@ def main():
     if args.reuse:
         if not os.path.isdir(args.reuse) or os.path.abspath(args.reuse) == os.path.abspath(args.out):
             raise common.UserError(f"--reuse {args.reuse}: not a folder other than --out")
-        check_reuse(args.reuse, args.preset, [n for n in nodes if not touched(n, extra)])
+        # neither run's flags may touch a linked node: a plain study lends its Stage II to a
+        # Stage III sweep, and a Stage III sweep lends its Stage II back to a plain run
+        untouched = extra | check_reuse(args.reuse, args.preset)
 
     if not args.report_only:
         head = git_commit(dirty=True)
@@ -801,7 +804,7 @@ def main():
                   + ", ".join(f"{n} at {c[:12]}" for c, n in stale.items()) + f") than {head[:12]}; "
                   "they are kept as done (give another --out to redo them)", file=sys.stderr)
         if args.reuse:
-            print(f"linked {link_reused(nodes, seeds, args.out, args.reuse, extra)} checkpoints from {args.reuse}")
+            print(f"linked {link_reused(nodes, seeds, args.out, args.reuse, untouched)} checkpoints from {args.reuse}")
         # single-threaded processes side by side: at our matrix sizes two processes on two
         # cores get more done than one process with two threads. Every node gets one thread,
         # whatever runs beside it, so a node's numbers do not depend on the schedule.

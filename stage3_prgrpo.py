@@ -66,10 +66,10 @@ Simplifications (nanochat-style, all at small scale):
   our scale RSPO's gamma stays within ~1% of 1 for any mu tried (2, 4, 8), so RSPO's router
   shift equals GRPO's; GRPO and RSPO lose accuracy as mu grows while PR-GRPO holds (README,
   "Sweeps": the ablate.py --extra stage3="--mu M" runs). `--minibatches 4` (8 updates per
-  rollout) brings RSPO's gamma down to ~0.57 and its router shift still equals GRPO's, while
-  PR-GRPO's alignment term, applied 8 times per rollout, doubles its router shift, and every
-  algorithm ends below Stage II's accuracy (10-14% at lr 1e-4, 32-36% at 2.5e-5): the default
-  stays 1.
+  rollout) keeps gamma at ~0.998 (spread within a batch under 1%) and puts RSPO's router shift
+  5-6% below GRPO's on each seed, but costs every algorithm 0.4-2.2 points of accuracy and
+  Stage III about a third more time: the default stays 1. (Numbers reported before commit 2a2b846,
+  gamma ~0.57 and a collapse, came from a bug in minibatch bucketing, since fixed.)
 
     python stage3_prgrpo.py --in out/default/stage2.pt --out out/default/stage3.pt --algo prgrpo
     torchrun --standalone --nproc_per_node=2 stage3_prgrpo.py --in out/default/stage2.pt --out out/default/stage3.pt

@@ -379,21 +379,24 @@ def test_reuse_links_only_what_the_extra_flags_cannot_change(tmp_path):
         with open(ckpt(src, seed, node), "w") as f:
             f.write(f"{node} {seed}")
     extra = ablate.parse_extra(["stage3=--mu 4"])
-    ablate.check_reuse(src, "tiny", nodes)  # an older study without plan.json counts as plain
+    assert ablate.check_reuse(src, "tiny") == {}  # an older study without plan.json counts as plain
     assert ablate.link_reused(nodes, [0, 1], out, src, extra) == 3 * 2  # teacher, s1_cluster and s2 per seed
     with open(ckpt(out, 1, "s2")) as f:
         assert f.read() == "s2 1"
     assert not os.path.exists(ckpt(out, 0, "s3_rspo")) and not os.path.exists(ckpt(out, 0, "s4"))
     assert ablate.link_reused(nodes, [0, 1], out, src, extra) == 0  # already there
-    ablate.check_plan(src, {"preset": "tiny", "extra": {"stage2_distill.py": ["--steps", "9"]}}, write=True)
-    with pytest.raises(common.UserError, match="stage2_distill.py"):
-        ablate.check_reuse(src, "tiny", [n for n in nodes if not ablate.touched(n, extra)])
-    # a sweep's own folder can be reused in turn for what its flags did not touch, same preset only
+    # the sweep's folder lends back to a plain run what its flags did not touch, same preset only
     ablate.check_plan(out, {"preset": "tiny", "extra": extra}, write=True)
-    plain_nodes = [n for n in nodes if not ablate.touched(n, extra)]
-    ablate.check_reuse(out, "tiny", plain_nodes)
+    back = str(tmp_path / "plain_again")
+    assert ablate.link_reused(nodes, [0, 1], back, out, {} | ablate.check_reuse(out, "tiny")) == 3 * 2
+    assert not os.path.exists(ckpt(back, 0, "s3_rspo"))
     with pytest.raises(common.UserError, match="preset"):
-        ablate.check_reuse(out, "default", plain_nodes)
+        ablate.check_reuse(out, "default")
+    # a source whose Stage II had flags of its own lends only the teacher and Stage I
+    ablate.check_plan(src, {"preset": "tiny", "extra": {"stage2_distill.py": ["--steps", "9"]}}, write=True)
+    fresh = str(tmp_path / "mu4_again")
+    assert ablate.link_reused(nodes, [0, 1], fresh, src, extra | ablate.check_reuse(src, "tiny")) == 2 * 2
+    assert not os.path.exists(ckpt(fresh, 0, "s2"))
 
 
 def test_the_write_up_links_the_sweeps_beside_it(tmp_path):
