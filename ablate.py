@@ -243,8 +243,8 @@ def check_reuse(src, preset):
 
 
 def link_reused(nodes, seeds, out, src, extra):
-    """Symlink src's checkpoint of every node --extra cannot change into out, where out has
-    none yet. Returns how many were linked."""
+    """Symlink src's checkpoint of every node that no flags in extra can change into out, where
+    out has none yet (main passes this run's flags and src's together). Returns how many were linked."""
     n = 0
     for node, seed in jobs_of(nodes, seeds):
         have, dst = ckpt(src, seed, node), ckpt(out, seed, node)
