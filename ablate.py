@@ -745,7 +745,9 @@ def markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, md_pa
     for target, verdict, numbers in verdicts:
         L.append(f"- {target}: {verdict} ({numbers}).")
     if sweeps:
-        L += ["", "## Sweeps", "", "Sweeps over a stage's flags (`--extra`), each written up on its own with the commit it ran at:", ""]
+        L += ["", "## Earlier studies and sweeps", "",
+              "Earlier studies (results/<commit>/) and sweeps over a stage's flags (`--extra`), each written "
+              "up on its own with the commit it ran at:", ""]
         for path in sweeps:
             rel = os.path.relpath(path, os.path.dirname(os.path.abspath(md_path)))
             L.append(f"- [{rel}]({rel})")

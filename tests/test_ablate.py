@@ -405,6 +405,6 @@ def test_the_write_up_links_the_sweeps_beside_it(tmp_path):
     md = str(tmp_path / "RESULTS.md")
     args = (summ, ms, claims(summ), "python ablate.py", [], (60.0, 30.0, [], {}), {}, md)
     text = ablate.markdown(*args, sweeps=[str(tmp_path / "results" / "mu4" / "RESULTS.md")])
-    assert "## Sweeps" in text and f"- [{os.path.join('results', 'mu4', 'RESULTS.md')}]" in text
-    assert "## Sweeps" not in ablate.markdown(*args)
+    assert "## Earlier studies and sweeps" in text and f"- [{os.path.join('results', 'mu4', 'RESULTS.md')}]" in text
+    assert "## Earlier studies and sweeps" not in ablate.markdown(*args)
     assert "| padd | Stages I-IV (PADD) | 30.0 ± 0.0 |" in text
