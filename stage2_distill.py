@@ -56,8 +56,8 @@ it learns from the labels what the teacher had not yet. `--w-gold 0` is the spec
 With the gold term the budget matters again, and the default is 300 steps (150 before): on 500
 validation problems 300 steps lifted Stage II by +1.6 points on average over seeds 0-4 (up on 4
 of 5), and in a test-split sweep afterwards PADD rose by +1.2 to +2.7 points on each of three
-seeds (README, "A longer Stage II, with the gold term"). It doubles this stage's time (~150 s
-more per node on 2 CPU cores).
+seeds (README, "A longer Stage II, with the gold term"). It doubles this stage's time (one
+thread on our CPU: 309-327 s a node in the study against 147-149 s at 150 steps).
 
 Baselines: `--loss fkl` (forward KL only, beta = 0) and `--lam-max 0` (offline: gold
 continuations only). Reports held-out KL(T||S) along the stage, test accuracy, routing entropy
