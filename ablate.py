@@ -57,7 +57,7 @@ Deviations and caveats:
   teacher's clusters defining p_T for the later stages). It removes the clustered init, not
   the whole stage.
 - Stage IV is a second, shorter RL phase (bias calibration, then PR-GRPO plus balancing for
-  half of Stage III's steps at a smaller lr), so padd gets 1.5 times the RL steps of
+  a quarter of Stage III's steps at a smaller lr), so padd gets 1.25 times the RL steps of
   no_stage4, and no_stage3 still gets Stage IV's short RL phase.
 - Every seed is evaluated on the same test problems: `--seed` varies the initialisation, the
   batches and the samples, while the suite's splits come from train_teacher.py's `--data-seed`

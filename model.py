@@ -22,7 +22,10 @@ After each forward pass the FFN modules keep what the PADD stages need:
     p_T is built from it) and `rec_out` (Stage I reconstructs it).
 
 Sampling (`generate`) is batched over prompts of different lengths with a KV cache: prompts are
-left-padded, each row gets its own positions, and pad keys are masked out. Biases are off
+left-padded, each row gets its own positions, and pad keys are masked out. Rows that have
+emitted eos leave the batch (and the cache) once they are an eighth of it, and each step draws
+one uniform per row (inverse CDF) instead of torch.multinomial's one exponential per vocabulary
+entry. Biases are off
 everywhere and the embedding is tied to the output head, as in nanoGPT.
 
 Deviation from nanoGPT: positions enter through rotary embeddings on q and k (RoPE, as in
@@ -177,6 +180,13 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
 
+    def keep(self, rows):
+        """Keep only batch rows `rows` (ascending), in place: generate() drops finished rows."""
+        n, filled = len(rows), slice(0, self.pos)
+        for buf in (self.k, self.v):
+            buf[:, :n, :, filled] = buf[:, rows, :, filled]  # the gather copies first, so overlap is safe
+        self.k, self.v = self.k[:, :n], self.v[:, :n]
+
     def update(self, layer, k, v):
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
@@ -257,9 +267,12 @@ class GPT(nn.Module):
             valid[i, P - len(p):] = True
         cache = KVCache(self.config, B, P + max_new_tokens, device,
                         self.lm_head.weight.dtype) if use_cache else None
-        new, done = [], torch.zeros(B, dtype=torch.bool, device=device)
-        step_idx = idx
-        for _ in range(max_new_tokens):
+        # out[:, j] is token j of every row; a row that finished early holds eos after its end
+        out = torch.full((B, max_new_tokens), -1 if eos_id is None else eos_id, dtype=torch.long, device=device)
+        live = torch.arange(B, device=device)  # original row of each batch row
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        step_idx, n_new = idx, 0
+        for j in range(max_new_tokens):
             if use_cache and cache.pos > 0:
                 logits = self._forward_padded(step_idx, valid, cache, last=1)
             else:
@@ -272,16 +285,24 @@ class GPT(nn.Module):
                 if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                     logits = logits.masked_fill(logits < kth, -float("inf"))
-                nxt = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
-            new.append(nxt)
-            if eos_id is not None:
-                done |= nxt == eos_id
-                if bool(done.all()):  # one sync per token; rows that finished early keep going
-                    break
+                nxt = sample_rows(logits.softmax(dim=-1), generator)
+            out[live, j] = nxt
+            n_new = j + 1
             step_idx = nxt.unsqueeze(1)
             idx = torch.cat([idx, step_idx], dim=1)
-            valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
-        rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in range(B)]
+            valid = torch.cat([valid, torch.ones(len(live), 1, dtype=torch.bool, device=device)], dim=1)
+            if eos_id is not None:
+                done |= nxt == eos_id
+                n_done = int(done.sum())  # one sync per token
+                if n_done == len(live):
+                    break
+                # drop finished rows once they are an eighth of the batch: a decode step costs
+                # about its row count, and the copy of the KV cache is not free either
+                if use_cache and 8 * n_done >= len(live):
+                    keep = (~done).nonzero().squeeze(1)
+                    live, step_idx, idx, valid, done = live[keep], step_idx[keep], idx[keep], valid[keep], done[keep]
+                    cache.keep(keep)
+        rows = out[:, :n_new].tolist()
         if eos_id is not None:
             rows = [r[:r.index(eos_id) + 1] if eos_id in r else r for r in rows]
         return rows
@@ -297,6 +318,15 @@ class GPT(nn.Module):
         mask = causal & (valid[:, None, :] | diag)
         logits, _ = self(idx[:, -last:], pos=pos, cache=cache, attn_mask=mask[:, None])
         return logits
+
+
+def sample_rows(probs, generator=None):
+    """One token per row of probs [B, V] by inverse CDF: one uniform per row. torch.multinomial
+    draws one exponential per vocabulary entry instead, ~9% of a decode step at B=128 on CPU.
+    right=True never returns a token of probability 0 (its CDF equals its left neighbour's)."""
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device, dtype=cdf.dtype)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.size(-1) - 1).squeeze(1)
 
 
 def count_params(model):

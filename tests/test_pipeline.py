@@ -178,3 +178,29 @@ def test_router_shift_and_lr_logged_for_every_algo(smoke, tmp_path, algo, extra)
     # and the default schedule: 1e-4 cosine-decayed to 10% over the run's 2 steps
     lrs = [l["lr"] for l in map(json.loads, open(log)) if "lr" in l]
     assert lrs == [common.lr_at(s, 2, 1e-4, final=0.1) for s in range(2)] and lrs[1] < lrs[0]
+
+
+def test_stage3_gold_term_lowers_the_gold_cross_entropy(smoke, tmp_path):
+    """PR-GRPO's kept Stage II cross-entropy (--w-gold) must pull the student toward the gold
+    solutions: the same 3 steps, with and without it, from the same Stage II student."""
+    import data
+    d, _ = smoke
+    teacher = load(d / "teacher.pt")
+    train = data.build_splits(seed=common.data_seed(teacher))["train"].to_list()[:64]
+
+    def gold_ce(path):
+        ck = load(path)
+        enc = data.tokenizer_from_dict(ck["tokenizer"])
+        idx, targets, _ = common.pad_batch(*zip(*[data.encode_example(enc, ex) for ex in train]), "cpu")
+        with torch.no_grad():
+            return float(common.build_model(ck, "cpu").eval()(idx, targets)[1])
+
+    ce = {}
+    for wg in ("0", "20"):
+        out = tmp_path / f"s3_wg{wg}.pt"
+        run("stage3_prgrpo.py", "--preset", "tiny", "--steps", "3", "--n-test", "2", "--lr", "1e-3", "--w-gold", wg,
+            "--in", str(d / "stage2.pt"), "--out", str(out), "--device", "cpu", "--log", str(tmp_path / "s3.jsonl"))
+        ce[wg] = gold_ce(out)
+    assert ce["20"] < ce["0"]
+    logged = [l["loss_gold"] for l in map(json.loads, open(tmp_path / "s3.jsonl")) if "loss_gold" in l]
+    assert len(logged) == 3  # one per step, from the --w-gold 20 run only
