@@ -25,8 +25,7 @@ Sampling (`generate`) is batched over prompts of different lengths with a KV cac
 left-padded, each row gets its own positions, and pad keys are masked out. Rows that have
 emitted eos leave the batch (and the cache) once they are an eighth of it, and each step draws
 one uniform per row (inverse CDF) instead of torch.multinomial's one exponential per vocabulary
-entry. Biases are off
-everywhere and the embedding is tied to the output head, as in nanoGPT.
+entry. Biases are off everywhere and the embedding is tied to the output head, as in nanoGPT.
 
 Deviation from nanoGPT: positions enter through rotary embeddings on q and k (RoPE, as in
 nanochat), not a learned position table. Our problems are solved by copying numbers out of the
@@ -271,7 +270,7 @@ class GPT(nn.Module):
         out = torch.full((B, max_new_tokens), -1 if eos_id is None else eos_id, dtype=torch.long, device=device)
         live = torch.arange(B, device=device)  # original row of each batch row
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        step_idx, n_new = idx, 0
+        step_idx = idx
         for j in range(max_new_tokens):
             if use_cache and cache.pos > 0:
                 logits = self._forward_padded(step_idx, valid, cache, last=1)
@@ -287,7 +286,6 @@ class GPT(nn.Module):
                     logits = logits.masked_fill(logits < kth, -float("inf"))
                 nxt = sample_rows(logits.softmax(dim=-1), generator)
             out[live, j] = nxt
-            n_new = j + 1
             step_idx = nxt.unsqueeze(1)
             idx = torch.cat([idx, step_idx], dim=1)
             valid = torch.cat([valid, torch.ones(len(live), 1, dtype=torch.bool, device=device)], dim=1)
@@ -302,7 +300,7 @@ class GPT(nn.Module):
                     keep = (~done).nonzero().squeeze(1)
                     live, step_idx, idx, valid, done = live[keep], step_idx[keep], idx[keep], valid[keep], done[keep]
                     cache.keep(keep)
-        rows = out[:, :n_new].tolist()
+        rows = out[:, :idx.size(1) - P].tolist()  # idx has grown by one column per step taken
         if eos_id is not None:
             rows = [r[:r.index(eos_id) + 1] if eos_id in r else r for r in rows]
         return rows
