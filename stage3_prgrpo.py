@@ -66,6 +66,25 @@ validation problems, seeds 0 / 1 / 2, from the Stage II checkpoints of the 476f5
 +0.8 on every seed at 1, for ~7% more time a step. The router moves a little more (the
 cross-entropy trains it too), still below GRPO's and RSPO's ~0.0012 in the 476f523 study.
 
+Budget: 32 steps (40 until the 98ebd2d study) and no KL to the reference (`--w-ref` 0, was
+0.01), to bring the whole study under the 60 minutes issue 4 gives it. Chosen on all 500
+validation problems, seeds 0 / 1 / 2, from the Stage II checkpoints of the 98ebd2d study
+(Stage II itself 50.2 / 39.2 / 51.4, mean 46.9), Stage IV after each at its default (a quarter
+of the steps):
+
+    | Stage III                        | Stage III (validation)    | then Stage IV             |
+    | 40 steps, w_ref 0.01 (the old)   | 50.4 / 41.2 / 52.4 (48.0) | 49.2 / 40.0 / 51.6 (46.9) |
+    | 40 steps, w_ref 0                | 49.8 / 41.0 / 52.6 (47.8) | 49.0 / 40.8 / 51.6 (47.1) |
+    | 32 steps, w_ref 0.01             | 49.8 / 41.2 / 53.0 (48.0) | 49.0 / 39.4 / 50.4 (46.3) |
+    | 32 steps, w_ref 0 (the default)  | 48.8 / 40.8 / 52.6 (47.4) | 49.2 / 40.0 / 50.0 (46.4) |
+
+These Stage III runs took 128-129 s at the default against 164-190 s at 40 steps (two or three
+single-threaded runs at once; the 98ebd2d study's prgrpo nodes took 199-207 s). Every row is
+within a seed's noise of the others (~2 points per 500 problems), but both 32-step rows end
+~0.6 lower after Stage IV (46.3-46.4 against 46.9-47.1): on validation, that is what the
+60-minute budget costs. Where time is no object, `--steps 40 --w-ref 0.01` (and Stage IV's
+`--steps 10`) is the previous default.
+
 Router shift: every `--rs-every` steps the student's router distributions G_u on a fixed probe
 batch (validation prompts + gold solutions, teacher-forced) are compared with the previous
 probe,  RS(u, u') = mean_l E_t sum_j |G_u(x_t)_j - G_u'(x_t)_j|,  and appended to the run's
@@ -76,9 +95,13 @@ router bias, passed in through `sample_reward` and `after_rollout`.
 
 Simplifications (nanochat-style, all at small scale):
 - no format reward by default (`--format-reward` adds one for emitting an extractable answer);
-- the reference for the KL term is the Stage II student, frozen;
-- old log-probs and old router distributions come from one no-grad forward before the updates
-  (numerically the sampling policy: same weights);
+- no KL to a reference by default (`--w-ref`; the spec makes it optional, and at our budget it
+  measured neutral, "Budget" above); when on, the reference is the input student, frozen;
+- old log-probs and old router distributions are the first update pass's own, detached: that
+  pass runs at the weights that sampled the rollout, so it is the sampling policy, and a
+  separate no-grad forward (~10% of a step) is needed only with `--minibatches` > 1 and in
+  Stage IV (rollout(), record_old). On the first pass the ratio and gamma are exactly 1 and
+  the anchor exactly 0 (with its own forward the anchor's |.| had a gradient of random sign);
 - prompts come from the training split; evaluation is greedy pass@1 on the test split;
 - mu = 2 full-batch updates per rollout, not the many minibatch updates of the RSPO paper. At
   our scale RSPO's gamma stays within ~1% of 1 for any mu tried (2, 4, 8), so RSPO's router
@@ -122,7 +145,7 @@ from stage2_distill import gold_ce, path_kl, token_kl_loss
 
 PRESETS = {
     "tiny": dict(steps=4, prompts=4, group=4, n_probe=16, n_test=42, rs_every=1, micro_tokens=2048),
-    "default": dict(steps=40, prompts=16, group=8, n_probe=64, n_test=700, rs_every=2, micro_tokens=2048),
+    "default": dict(steps=32, prompts=16, group=8, n_probe=64, n_test=700, rs_every=2, micro_tokens=2048),
     "gpu": dict(steps=200, prompts=64, group=8, n_probe=128, n_test=700, rs_every=5, micro_tokens=32768),
 }
 
@@ -146,7 +169,8 @@ def make_parser(description, stage, inp, out):
     p.add_argument("--clip", type=float, default=0.2, help="epsilon of the clipped surrogate")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     p.add_argument("--max-new", type=int, default=96, help="longest continuation sampled")
-    p.add_argument("--w-ref", type=float, default=0.01, help="weight of KL to the reference (input) student")
+    p.add_argument("--w-ref", type=float, default=0.0,
+                   help="weight of KL to the reference (input) student; 0, the default, skips the reference model")
     p.add_argument("--gamma-min", type=float, default=0.5, help="floor of the router-shift weight (rspo, prgrpo)")
     p.add_argument("--w-anchor", type=float, default=0.5, help="prgrpo: weight of the router-shift penalty")
     p.add_argument("--w-align", type=float, default=0.05, help="prgrpo: weight of KL(p_T || g_S) on A > 0 samples")
@@ -243,9 +267,12 @@ def bucket(ro, tok_adv, rows, T):
     rows = rows.sort().values
     pos = torch.isin(ro["sample_of_token"], rows).nonzero().squeeze(1)
     targets = ro["targets"][rows, :T]
-    return dict(pos=pos, idx=ro["idx"][rows, :T], targets=targets, mask=targets >= 0, valid=ro["valid"][rows, :T],
-                adv=tok_adv[pos], logp_old=ro["logp_old"][pos],
-                logg_old=[g[pos] for g in ro["logg_old"]], topk_old=[k[pos] for k in ro["topk_old"]])
+    b = dict(pos=pos, idx=ro["idx"][rows, :T], targets=targets, mask=targets >= 0, valid=ro["valid"][rows, :T],
+             adv=tok_adv[pos])
+    if "logp_old" in ro:  # else the first update pass supplies them (policy_loss)
+        b.update(logp_old=ro["logp_old"][pos], logg_old=[g[pos] for g in ro["logg_old"]],
+                 topk_old=[k[pos] for k in ro["topk_old"]])
+    return b
 
 
 def policy_loss(student, b, args, counts, tok_weight=1.0):
@@ -258,6 +285,12 @@ def policy_loss(student, b, args, counts, tok_weight=1.0):
     mflat = b["mask"].flatten()
     logp = token_logprobs(logits, b["targets"])
     logg = [f.router_probs[mflat].clamp(min=1e-9).log() for f in student.ffns]
+    if "logp_old" not in b:
+        # the first pass over a rollout runs at the weights that sampled it, so its own values,
+        # detached, are the old policy's (ratio 1, gamma 1, anchor 0 on this pass) and the
+        # rollout needs no forward of its own
+        b.update(logp_old=logp.detach(), logg_old=[lg.detach() for lg in logg],
+                 topk_old=[f.topk_idx[mflat] for f in student.ffns])
     n, L = counts["tokens"], len(logg)
     gamma = None
     if args.algo in ("rspo", "prgrpo"):
@@ -322,8 +355,9 @@ def probe_router(model, idx, valid):
     return [f.router_probs[valid].clone() for f in model.ffns]
 
 
-def rollout(student, enc, batch, args, gen, device):
-    """Sample G continuations per prompt, grade them, and record what the updates need."""
+def rollout(student, enc, batch, args, gen, device, record_old=True):
+    """Sample G continuations per prompt, grade them, and record what the updates need: with
+    record_old, also the sampling policy's log-probs and routing from one no-grad forward."""
     eos = data.eos_id(enc)
     prompts, golds = [], []
     for ex in batch:
@@ -338,15 +372,17 @@ def rollout(student, enc, batch, args, gen, device):
     correct = torch.tensor([float(eval_math.is_equiv(p, g)) for p, g in zip(preds, golds)])
     rewards = correct + args.format_reward * torch.tensor([float(p is not None) for p in preds])
     idx, targets, valid = common.pad_batch(prompts, completions, device)
-    with torch.no_grad():
-        logits, _ = student(idx)
-        ro = dict(idx=idx, targets=targets, valid=valid, correct=correct, rewards=rewards,
-                  logp_old=token_logprobs(logits, targets),
-                  logg_old=[f.router_probs[(targets >= 0).flatten()].clamp(min=1e-9).log() for f in student.ffns],
-                  topk_old=[f.topk_idx[(targets >= 0).flatten()] for f in student.ffns],
+    ro = dict(idx=idx, targets=targets, valid=valid, correct=correct, rewards=rewards,
+              sample_of_token=torch.arange(len(prompts), device=device)[:, None].expand_as(targets)[targets >= 0])
+    if record_old:
+        with torch.no_grad():
+            logits, _ = student(idx)
+        mflat = (targets >= 0).flatten()
+        ro.update(logp_old=token_logprobs(logits, targets),
+                  logg_old=[f.router_probs[mflat].clamp(min=1e-9).log() for f in student.ffns],
+                  topk_old=[f.topk_idx[mflat] for f in student.ffns],
                   # every routed token, prompt included: the load that inference pays for
-                  topk_all=[f.topk_idx[valid.flatten()] for f in student.ffns],
-                  sample_of_token=torch.arange(len(prompts), device=device)[:, None].expand_as(targets)[targets >= 0])
+                  topk_all=[f.topk_idx[valid.flatten()] for f in student.ffns])
     student.train()
     return ro
 
@@ -384,6 +420,11 @@ def train(args, sample_reward=None, after_rollout=None, before_loop=None):
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     start, state = common.maybe_resume(args, student, opt)
     gen = torch.Generator(device=device)
+    # The old policy's values need a forward of their own only where the first update pass does
+    # not run at the rollout's weights and routing: with several minibatches (the second runs
+    # after the first's optimiser step), and in Stage IV (its bias moves between the rollout and
+    # the updates, and its reward reads the rollout's routing). Otherwise the first pass is it.
+    record_old = args.minibatches > 1 or sample_reward is not None or after_rollout is not None
     t0 = time.time()
     if before_loop is not None and start == 0:
         before_loop(student, enc, sample, device, log)
@@ -400,7 +441,7 @@ def train(args, sample_reward=None, after_rollout=None, before_loop=None):
         # on one rank, so the group statistics of the advantage are exact without a gather
         batch = common.shard([sample(rng) for _ in range(args.prompts)])
         gen.manual_seed(args.seed * 1_000_003 + step + 7919 * common.rank())  # ranks sample apart
-        ro = rollout(student, enc, batch, args, gen, device)
+        ro = rollout(student, enc, batch, args, gen, device, record_old)
         gold = None
         if args.algo == "prgrpo" and args.w_gold > 0:
             gold = common.pad_batch(*zip(*[data.encode_example(enc, ex) for ex in batch]), device)[:2]

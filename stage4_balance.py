@@ -35,8 +35,9 @@ before any sampling. Without it the sign rule, at u = 0.01 and one step per roll
 needs ~40 RL steps to get there, and those 40 steps cost accuracy (below).
 
 Defaults, chosen on the validation split from one Stage III checkpoint (500 problems; README
-has the table): 200 calibration steps, then a quarter of Stage III's RL steps (10 at the default
-preset; it was half, 20, until the table at the end of this section) at lr 3e-5 instead of the
+has the table): 200 calibration steps, then a quarter of Stage III's RL steps (8 at the default
+preset, since Stage III went from 40 steps to 32; it was half, 20, until the table at the end of
+this section) at lr 3e-5 instead of the
 1e-4 Stage III had then. Validation acc / MaxVio, Stage III 47.8 / 0.563:
 40 steps at 1e-4 without calibration 44.6 / 0.101; calibration alone 46.8 / 0.069; calibration
 + 20 steps at 1e-4 45.0 / 0.072; calibration + 20 steps at 3e-5 48.4 / 0.073.
@@ -68,6 +69,14 @@ has the table), from those Stage III checkpoints of the 476f523 study's Stage II
 leave MaxVio well under the 0.2 target, at half the RL time: the default is now 10. Balancing
 still costs about a point against Stage III (48.4 -> 47.1): the calibration's routing, not
 the RL steps, is where it goes.
+
+Can supervised training under the balanced routing buy that point back? From the 98ebd2d
+study's Stage IV checkpoints (validation 50.4 / 40.0 / 51.6, mean 47.3; its Stage III 48.3), 40
+more steps of Stage II's loss, teacher-forced (`stage2_distill.py --in s4.pt --steps 40 --lr
+1e-4 --lam-max 0`; the bias stays as calibrated): 52.2 / 39.8 / 51.4 (47.8), MaxVio 0.08-0.12.
+One seed up 1.8, two down 0.2: not a repair we can tell from noise, so Stage IV has no such
+phase. Stage IV's ~1 point cost (Stage III's table in stage3_prgrpo.py: 48.0 -> 46.9 at 40
+steps) stands at this scale.
 
 Deviations: the paper runs Stages II-IV as one pipeline; here Stage IV is a second RL phase
 started from the Stage III checkpoint (the same loop, fewer steps, a smaller lr), so each stage

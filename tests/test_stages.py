@@ -330,6 +330,38 @@ def test_bucketed_policy_loss_has_the_full_batch_gradient(algo):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("algo", ["grpo", "rspo", "prgrpo"])
+def test_first_pass_stands_in_for_the_rollout_forward(algo):
+    # Stage III takes the old policy's values from the first update pass instead of a forward
+    # of its own: at the rollout's weights that must give the same loss and gradient
+    model, ro = small_rollout(moved=False)
+    n = len(ro["logp_old"])
+    tok_adv = torch.randn(ro["valid"].size(0), generator=torch.Generator().manual_seed(1))[ro["sample_of_token"]]
+    args = argparse.Namespace(algo=algo, gamma_min=0.5, clip=0.2, w_ref=0.0, w_anchor=0.0, w_align=0.0,
+                              w_distill=0.0, w_aux=0.0)
+    counts = dict(tokens=n, good=int((tok_adv > 0).sum()), valid=int(ro["valid"].sum()))
+    bare = {k: v for k, v in ro.items() if k not in ("logp_old", "logg_old", "topk_old")}
+
+    def run(r, **kw):
+        buckets = [bucket(r, tok_adv, rows, T) for rows, T in length_buckets(ro["valid"].sum(1).tolist(), 40)]
+        model.zero_grad()
+        loss = 0.0
+        for b in buckets:
+            part, _ = policy_loss(model, b, argparse.Namespace(**{**vars(args), **kw}), counts)
+            part.backward()
+            loss += float(part)
+        return loss, [p.grad.clone() for p in model.parameters() if p.grad is not None], buckets
+
+    loss_sep, g_sep, _ = run(ro)
+    loss_first, g_first, buckets = run(bare)
+    assert loss_first == pytest.approx(loss_sep, rel=1e-5)
+    for a, b in zip(g_first, g_sep):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    assert all("logp_old" in b for b in buckets)  # kept for the second pass
+    if algo == "prgrpo":  # the anchor is exactly 0 on the first pass, not rounding noise
+        assert run(bare, w_anchor=0.5)[0] == run(bare)[0]
+
+
 def test_bucketed_switch_loss_is_the_full_batch_switch_loss():
     # the one term that is not a sum over tokens: against stage2's switch_aux_loss on the whole batch
     model, ro = small_rollout()
