@@ -37,8 +37,8 @@ needs ~40 RL steps to get there, and those 40 steps cost accuracy (below).
 Defaults, chosen on the validation split from one Stage III checkpoint (500 problems; README
 has the table): 200 calibration steps, then a quarter of Stage III's RL steps (8 at the default
 preset, since Stage III went from 40 steps to 32; it was half, 20, until the table at the end of
-this section) at lr 3e-5 instead of the
-1e-4 Stage III had then. Validation acc / MaxVio, Stage III 47.8 / 0.563:
+this section) at lr 3e-5 instead of the 1e-4 Stage III had then. Validation acc / MaxVio,
+Stage III 47.8 / 0.563:
 40 steps at 1e-4 without calibration 44.6 / 0.101; calibration alone 46.8 / 0.069; calibration
 + 20 steps at 1e-4 45.0 / 0.072; calibration + 20 steps at 3e-5 48.4 / 0.073.
 
