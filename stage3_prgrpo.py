@@ -99,7 +99,7 @@ Simplifications (nanochat-style, all at small scale):
   measured neutral, "Budget" above); when on, the reference is the input student, frozen;
 - old log-probs and old router distributions are the first update pass's own, detached: that
   pass runs at the weights that sampled the rollout, so it is the sampling policy, and a
-  separate no-grad forward (~10% of a step) is needed only with `--minibatches` > 1 and in
+  separate no-grad forward (~8% of a step, measured) is needed only with `--minibatches` > 1 and in
   Stage IV (rollout(), record_old). On the first pass the ratio and gamma are exactly 1 and
   the anchor exactly 0 (with its own forward the anchor's |.| had a gradient of random sign);
 - prompts come from the training split; evaluation is greedy pass@1 on the test split;
