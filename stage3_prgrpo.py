@@ -79,7 +79,7 @@ of the steps):
     | 32 steps, w_ref 0 (the default)  | 48.8 / 40.8 / 52.6 (47.4) | 49.2 / 40.0 / 50.0 (46.4) |
 
 These Stage III runs took 128-129 s at the default against 164-190 s at 40 steps (two or three
-single-threaded runs at once; the 98ebd2d study's prgrpo nodes took 199-207 s). Every row is
+single-threaded runs at once; the 98ebd2d study's prgrpo runs took 199-222 s). Every row is
 within a seed's noise of the others (~2 points per 500 problems), but both 32-step rows end
 ~0.6 lower after Stage IV (46.3-46.4 against 46.9-47.1): on validation, that is what the
 60-minute budget costs. Where time is no object, `--steps 40 --w-ref 0.01` (and Stage IV's
