@@ -373,3 +373,16 @@ def gather_lists(xs):
     out = [None] * world()
     dist.all_gather_object(out, xs)
     return [x for part in out for x in part]
+
+
+# ----------------------------------------------------------------------------- load balance
+
+def global_load(topk_per_layer, n_expert):
+    """Assignments per expert, [L, E] float, from each layer's top-k indices, summed over ranks."""
+    return all_reduce(torch.stack([torch.bincount(k.flatten(), minlength=n_expert)
+                                   for k in topk_per_layer]).float())
+
+
+def bias_update(bias, load, rate):
+    """DeepSeek-V3: b_e += u * sign(mean load - load_e). Returns the new bias."""
+    return bias + rate * torch.sign(load.float().mean() - load.float())

@@ -59,6 +59,25 @@ of 5), and in a test-split sweep afterwards PADD rose by +1.2 to +2.7 points on 
 seeds (README, "A longer Stage II, with the gold term"). It doubles this stage's time (one
 thread on our CPU: 309-327 s a node in the study against 147-149 s at 150 steps).
 
+Load balance while the experts still learn (`--bias-rate`, default 0.01; *our addition*): the
+selection-only router bias of DeepSeek-V3, Stage IV's rule b_e <- b_e + u * sign(mean load -
+load_e), takes one step per batch from the batch's load over its valid tokens (summed over ranks).
+The Switch loss (w_bal 0.01) alone had left MaxVio at ~0.46 at the end of this stage, and Stage
+IV's bias then sent tokens to experts that had never trained on them: balancing cost ~1 point
+(stage4_balance.py). With the bias on from here, the experts learn under the routing they will
+be balanced at, and Stage IV has little left to move. The bias rides in the checkpoint (a model
+buffer) through Stage III, which leaves it as it is. Measured on all 500 validation problems,
+seeds 0 / 1 / 2, from the 5145133 study's Stage I checkpoints, each continued through the
+default Stages III and IV:
+
+    | --bias-rate  | Stage II (MaxVio)                | then Stage III            | then Stage IV (MaxVio)           |
+    | 0 (before)   | 50.2 / 39.2 / 51.4 (46.9; 0.46)  | 48.8 / 40.8 / 52.6 (47.4) | 49.2 / 40.0 / 50.0 (46.4; 0.11)  |
+    | 0.01         | 50.0 / 40.8 / 50.2 (47.0; 0.16)  | 48.6 / 39.8 / 49.6 (46.0) | 49.8 / 38.8 / 51.2 (46.6; 0.10)  |
+
+Balancing here costs nothing measurable (held-out KL(T||S) 0.0068 / 0.0086 / 0.0099 against
+0.0072 / 0.0091 / 0.0085), and Stage IV no longer costs a point (46.0 -> 46.6 against 47.4 ->
+46.4). End to end the two land within a seed's noise (~2 points per 500 problems) of each other.
+
 Baselines: `--loss fkl` (forward KL only, beta = 0) and `--lam-max 0` (offline: gold
 continuations only). Reports held-out KL(T||S) along the stage, test accuracy, routing entropy
 and MaxVio.
@@ -111,6 +130,8 @@ parser.add_argument("--loss", choices=["adaptive", "fkl"], default="adaptive",
 parser.add_argument("--lam-max", type=float, default=0.5, help="largest on-policy share (0 = offline baseline)")
 parser.add_argument("--w-path", type=float, default=0.1, help="weight of KL(p_T || g_S)")
 parser.add_argument("--w-bal", type=float, default=0.01, help="weight of the Switch balance loss")
+parser.add_argument("--bias-rate", type=float, default=0.01,
+                    help="u of the selection-only router bias, one sign step per batch (0 = off; see the docstring)")
 parser.add_argument("--w-gold", type=float, default=1.0,
                     help="weight of cross-entropy on the gold solutions' tokens (0 = the spec's pure distillation)")
 common.add_run_args(parser)
@@ -224,6 +245,11 @@ def main():
         opt.zero_grad(set_to_none=True)
         loss.backward()
         common.optimizer_step(student, opt)
+        if args.bias_rate:
+            with torch.no_grad():
+                load = common.global_load([f.topk_idx[vflat] for f in student.ffns], student.config.n_expert)
+                for f, l in zip(student.ffns, load):
+                    f.select_bias.copy_(common.bias_update(f.select_bias, l, args.bias_rate))
         pbar.set_postfix(tok=f"{l_tok.item():.4f}", path=f"{common.item(l_path):.3f}", lam=f"{lam:.2f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             kl = eval_math.kl_to_teacher(student, teacher, enc, val, device)

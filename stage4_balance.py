@@ -34,6 +34,12 @@ passes only (~10 s for 200 steps of 32 problems on CPU) and brings MaxVio from ~
 before any sampling. Without it the sign rule, at u = 0.01 and one step per rollout batch,
 needs ~40 RL steps to get there, and those 40 steps cost accuracy (below).
 
+Since Stage II balances as it trains (stage2_distill.py, `--bias-rate`, from the commit after
+36e3a93), the bias arrives here already set: calibration starts from MaxVio ~0.23-0.30 (the
+rollouts' routing has drifted a little in Stage III) instead of ~0.4-0.6, and the cost measured
+below, ~1 point on validation, is gone (Stage III 46.0 -> Stage IV 46.6; stage2_distill.py has
+the table). The measurements below predate that change.
+
 Defaults, chosen on the validation split from one Stage III checkpoint (500 problems; README
 has the table): 200 calibration steps, then a quarter of Stage III's RL steps (8 at the default
 preset, since Stage III went from 40 steps to 32; it was half, 20, until the table at the end of
@@ -132,21 +138,10 @@ def balance_reward(loads):
     return torch.stack(out).mean(0)
 
 
-def bias_update(bias, load, rate):
-    """DeepSeek-V3: b_e += u * sign(mean load - load_e). Returns the new bias."""
-    return bias + rate * torch.sign(load.float().mean() - load.float())
-
-
-def global_load(topk_per_layer, n_expert):
-    """Assignments per expert, [L, E] float, from each layer's top-k indices, summed over ranks."""
-    return common.all_reduce(torch.stack([torch.bincount(k.flatten(), minlength=n_expert)
-                                          for k in topk_per_layer]).float())
-
-
 @torch.no_grad()
 def calibrate_bias(model, batches, rate):
     """Bias-only balancing: for each (idx, valid) batch, route it (no sampling, no gradient) and
-    take one bias_update step per layer on its load over the valid tokens, summed over ranks.
+    take one common.bias_update step per layer on its load over the valid tokens, summed over ranks.
     Returns MaxVio per step (mean over layers), measured before that step's update."""
     was_training = model.training
     model.eval()
@@ -154,10 +149,10 @@ def calibrate_bias(model, batches, rate):
     for idx, valid in batches:
         model(idx)
         E = model.config.n_expert
-        load = global_load([f.topk_idx[valid.flatten()] for f in model.ffns], E)
+        load = common.global_load([f.topk_idx[valid.flatten()] for f in model.ffns], E)
         curve.append(float(eval_math.max_vio(load.cpu()).mean()))
         for f, l in zip(model.ffns, load):
-            f.select_bias.copy_(bias_update(f.select_bias, l, rate))
+            f.select_bias.copy_(common.bias_update(f.select_bias, l, rate))
     model.train(was_training)
     return curve
 
@@ -181,7 +176,7 @@ def main():
         # MaxVio on both, and balancing completions alone left the prompts' load skewed
         E = student.config.n_expert
         # (summed over ranks under torchrun, so every rank takes the same bias step)
-        ro["load"] = global_load(ro["topk_all"], E).cpu()
+        ro["load"] = common.global_load(ro["topk_all"], E).cpu()
         if args.balance in ("reward", "reward_bias"):
             return args.alpha * balance_reward(loads).cpu()
         return torch.zeros(ro["rewards"].numel())
@@ -192,7 +187,7 @@ def main():
         if args.balance == "reward_bias":
             ema["load"] = ro["load"] if "load" not in ema else args.load_ema * ema["load"] + (1 - args.load_ema) * ro["load"]
             for ffn, load in zip(student.ffns, ema["load"]):
-                ffn.select_bias.copy_(bias_update(ffn.select_bias, load.to(ffn.select_bias.device), args.bias_rate))
+                ffn.select_bias.copy_(common.bias_update(ffn.select_bias, load.to(ffn.select_bias.device), args.bias_rate))
 
     def before_loop(student, enc, sample, device, log):
         if args.balance != "reward_bias" or args.calibrate <= 0:

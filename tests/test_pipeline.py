@@ -204,3 +204,33 @@ def test_stage3_gold_term_lowers_the_gold_cross_entropy(smoke, tmp_path):
     assert ce["20"] < ce["0"]
     logged = [l["loss_gold"] for l in map(json.loads, open(tmp_path / "s3.jsonl")) if "loss_gold" in l]
     assert len(logged) == 3  # one per step, from the --w-gold 20 run only
+
+
+def test_stage2_bias_balances_the_routing(smoke, tmp_path):
+    """Stage II's selection bias (--bias-rate) must even out the experts' load: the same 12 steps
+    from the same Stage I student, with and without it, routed on the same training problems."""
+    import data
+    import eval_math
+    d, _ = smoke
+    train = data.build_splits(seed=common.data_seed(load(d / "teacher.pt")))["train"].to_list()[:128]
+
+    def routed_max_vio(path):
+        ck = load(path)
+        enc = data.tokenizer_from_dict(ck["tokenizer"])
+        idx, _, valid = common.pad_batch(*zip(*[data.encode_example(enc, ex) for ex in train]), "cpu")
+        model = common.build_model(ck, "cpu").eval()
+        with torch.no_grad():
+            model(idx)
+        E = model.config.n_expert
+        load_ = torch.stack([torch.bincount(f.topk_idx[valid.flatten()].flatten(), minlength=E) for f in model.ffns])
+        return float(eval_math.max_vio(load_).mean()), ck["model"]
+
+    vio = {}
+    for u in ("0", "0.05"):
+        out = tmp_path / f"s2_u{u}.pt"
+        run("stage2_distill.py", "--preset", "tiny", "--steps", "12", "--n-test", "2", "--bias-rate", u,
+            "--in", str(d / "stage1.pt"), "--out", str(out), "--device", "cpu", "--log", str(tmp_path / "s2.jsonl"))
+        vio[u], weights = routed_max_vio(out)
+        biases = [v for k, v in weights.items() if k.endswith("select_bias")]
+        assert biases and all((b.abs().sum() > 0) == (u != "0") for b in biases)
+    assert vio["0.05"] < vio["0"]

@@ -15,7 +15,7 @@ from stage1_cluster import (balanced_assign, balanced_kmeans, build_student, dec
 from stage2_distill import adaptive_lambda, gold_ce, path_kl, switch_aux_loss, token_kl_loss
 from stage3_prgrpo import (bucket, clipped_surrogate, clipped_tokens, expert_share, group_advantages, length_buckets,
                            minibatch_rows, policy_loss, router_shift, router_shift_weight, token_logprobs, update_stats)
-from stage4_balance import balance_reward, bias_update, calibrate_bias, sample_load
+from stage4_balance import balance_reward, calibrate_bias, sample_load
 from eval_math import max_vio
 from train_teacher import ema_update
 
@@ -349,7 +349,7 @@ def test_first_pass_stands_in_for_the_rollout_forward(algo):
         for b in buckets:
             part, _ = policy_loss(model, b, argparse.Namespace(**{**vars(args), **kw}), counts)
             part.backward()
-            loss += float(part)
+            loss += part.item()
         return loss, [p.grad.clone() for p in model.parameters() if p.grad is not None], buckets
 
     loss_sep, g_sep, _ = run(ro)
@@ -393,9 +393,9 @@ def test_balance_reward_per_sample():
 
 
 def test_bias_update_moves_toward_underloaded_experts():
-    b = bias_update(torch.zeros(4), torch.tensor([6.0, 2.0, 2.0, 2.0]), 0.01)
+    b = common.bias_update(torch.zeros(4), torch.tensor([6.0, 2.0, 2.0, 2.0]), 0.01)
     assert torch.allclose(b, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
-    assert torch.equal(bias_update(torch.zeros(2), torch.tensor([3.0, 3.0]), 0.5), torch.zeros(2))
+    assert torch.equal(common.bias_update(torch.zeros(2), torch.tensor([3.0, 3.0]), 0.5), torch.zeros(2))
 
 
 def test_calibrate_bias_balances_a_skewed_router_without_touching_the_gates():
