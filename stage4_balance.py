@@ -34,11 +34,12 @@ passes only (~10 s for 200 steps of 32 problems on CPU) and brings MaxVio from ~
 before any sampling. Without it the sign rule, at u = 0.01 and one step per rollout batch,
 needs ~40 RL steps to get there, and those 40 steps cost accuracy (below).
 
-Since Stage II balances as it trains (stage2_distill.py, `--bias-rate`, from the commit after
-36e3a93), the bias arrives here already set: calibration starts from MaxVio ~0.23-0.30 (the
-rollouts' routing has drifted a little in Stage III) instead of ~0.4-0.6, and the cost measured
-below, ~1 point on validation, is gone (Stage III 46.0 -> Stage IV 46.6; stage2_distill.py has
-the table). The measurements below predate that change.
+Since Stage II balances as it trains (stage2_distill.py, `--bias-rate`, from commit
+ecefe9f), the bias arrives here already set: on its teacher-forced training batches the
+calibration starts from MaxVio 0.23-0.30 (0.41-0.49 before; seeds 0 1 2) and still ends near
+0.12. The ~1 point it cost on validation is gone (Stage III 46.0 -> Stage IV 46.6;
+stage2_distill.py has the table), and on test Stage IV's cost fell from 0.6 to 0.4 points
+(README, "The ablation study"). The measurements below predate that change.
 
 Defaults, chosen on the validation split from one Stage III checkpoint (500 problems; README
 has the table): 200 calibration steps, then a quarter of Stage III's RL steps (8 at the default
