@@ -386,3 +386,10 @@ def global_load(topk_per_layer, n_expert):
 def bias_update(bias, load, rate):
     """DeepSeek-V3: b_e += u * sign(mean load - load_e). Returns the new bias."""
     return bias + rate * torch.sign(load.float().mean() - load.float())
+
+
+@torch.no_grad()
+def step_select_bias(ffns, load, rate):
+    """One bias_update per MoE layer, in place, from that layer's row of load [L, E]."""
+    for f, l in zip(ffns, load):
+        f.select_bias.copy_(bias_update(f.select_bias, l.to(f.select_bias.device), rate))

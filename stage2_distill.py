@@ -246,10 +246,8 @@ def main():
         loss.backward()
         common.optimizer_step(student, opt)
         if args.bias_rate:
-            with torch.no_grad():
-                load = common.global_load([f.topk_idx[vflat] for f in student.ffns], student.config.n_expert)
-                for f, l in zip(student.ffns, load):
-                    f.select_bias.copy_(common.bias_update(f.select_bias, l, args.bias_rate))
+            load = common.global_load([f.topk_idx[vflat] for f in student.ffns], student.config.n_expert)
+            common.step_select_bias(student.ffns, load, args.bias_rate)
         pbar.set_postfix(tok=f"{l_tok.item():.4f}", path=f"{common.item(l_path):.3f}", lam=f"{lam:.2f}")
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             kl = eval_math.kl_to_teacher(student, teacher, enc, val, device)

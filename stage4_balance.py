@@ -156,8 +156,7 @@ def calibrate_bias(model, batches, rate):
         E = model.config.n_expert
         load = common.global_load([f.topk_idx[valid.flatten()] for f in model.ffns], E)
         curve.append(float(eval_math.max_vio(load.cpu()).mean()))
-        for f, l in zip(model.ffns, load):
-            f.select_bias.copy_(common.bias_update(f.select_bias, l, rate))
+        common.step_select_bias(model.ffns, load, rate)
     model.train(was_training)
     return curve
 
@@ -191,8 +190,7 @@ def main():
     def after_rollout(student, ro):
         if args.balance == "reward_bias":
             ema["load"] = ro["load"] if "load" not in ema else args.load_ema * ema["load"] + (1 - args.load_ema) * ro["load"]
-            for ffn, load in zip(student.ffns, ema["load"]):
-                ffn.select_bias.copy_(common.bias_update(ffn.select_bias, load.to(ffn.select_bias.device), args.bias_rate))
+            common.step_select_bias(student.ffns, ema["load"], args.bias_rate)
 
     def before_loop(student, enc, sample, device, log):
         if args.balance != "reward_bias" or args.calibrate <= 0:
