@@ -185,7 +185,7 @@ def bench_training(device, rows=8, steps=10, preset="default", peak_tflops=None)
     E and k for the preset), under common.autocast like the scripts. With peak_tflops, also
     the model FLOPs utilisation (MFU) against that peak."""
     enc = data.get_tokenizer()
-    train = data.build_splits(n_train=2000, n_val=10, n_test=10)["train"].to_list()
+    train = data.split_rows(n_train=2000, n_val=10, n_test=10)["train"]
     out = {"train_preset": preset, "train_rows": rows}
     student = (stage1_cluster.PRESETS[preset]["n_expert"], stage1_cluster.PRESETS[preset]["top_k"])
     for name, (E, k) in {"teacher": (1, 1), "student": student}.items():

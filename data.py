@@ -4,7 +4,7 @@ Built-in synthetic math suite, tokenizer and prompt format for PADD.
 Everything here is seeded and self-contained (no downloads):
 - make_problem(): one templated problem with a short step-by-step solution
   ending in "#### <integer answer>", for MATH's seven subjects x 3 levels.
-- build_splits(): fixed, disjoint train / validation / test datasets.
+- split_rows() / build_splits(): fixed, disjoint train / validation / test splits (lists / datasets).
 - get_tokenizer(): a tiny byte-level BPE (tiktoken) learned from the suite's
   own text, in which every digit is its own token.
 - tokenizer_to_dict() / tokenizer_from_dict(): plain-Python form of the
@@ -462,7 +462,15 @@ CACHE_DIR = os.environ.get("PADD_CACHE_DIR", os.path.join(os.path.expanduser("~"
 
 
 def build_splits(n_train=20000, n_val=500, n_test=700, seed=0):
-    """Disjoint, deterministic train/validation/test datasets.Dataset objects.
+    """Disjoint, deterministic train/validation/test datasets.Dataset objects (split_rows' rows)."""
+    import datasets  # ~1 s to import: the stage scripts read split_rows and never pay it
+
+    rows = split_rows(n_train, n_val, n_test, seed)
+    return {s: datasets.Dataset.from_list(rows[s]) for s in SPLITS}
+
+
+def split_rows(n_train=20000, n_val=500, n_test=700, seed=0):
+    """Disjoint, deterministic train/validation/test splits: {split: [problem dict, ...]}.
 
     Each (subdomain, level) cell gets an equal quota per split. Unique questions
     are drawn per cell and routed to the split their hash dictates; a cell whose
@@ -474,24 +482,23 @@ def build_splits(n_train=20000, n_val=500, n_test=700, seed=0):
     $PADD_CACHE_DIR), keyed by the arguments and by this file's source: editing the suite
     invalidates the cache. An unreadable cache file is simply drawn again.
     """
-    import datasets  # heavy import; only needed here
-
     key = hashlib.md5(f"{n_train},{n_val},{n_test},{seed}\n".encode() + open(__file__, "rb").read()).hexdigest()
     path = os.path.join(CACHE_DIR, f"splits-{key[:16]}.json")
     try:
         with open(path) as f:
-            rows = json.load(f)
+            return json.load(f)
     except (OSError, ValueError):
-        rows = _draw_splits(n_train, n_val, n_test, seed)
-        try:  # atomic, so concurrent processes (torchrun ranks) never read half a file
-            os.makedirs(CACHE_DIR, exist_ok=True)
-            tmp = f"{path}.tmp.{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(rows, f)
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only home only costs the redraw next time
-    return {s: datasets.Dataset.from_list(rows[s]) for s in SPLITS}
+        pass
+    rows = _draw_splits(n_train, n_val, n_test, seed)
+    try:  # atomic, so concurrent processes (torchrun ranks) never read half a file
+        os.makedirs(CACHE_DIR, exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(rows, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs the redraw next time
+    return rows
 
 
 def _draw_splits(n_train, n_val, n_test, seed):

@@ -1297,7 +1297,7 @@ def encode_prompt(enc, question):
 def load_records(spec, split="test", seed=0):
     """'suite' (the built-in suite's split) or a JSON-lines file in any benchmark format."""
     if spec == "suite":
-        return data.build_splits(seed=seed)[split].to_list()
+        return data.split_rows(seed=seed)[split]
     try:
         return load_benchmark(spec)
     except FileNotFoundError:

@@ -307,9 +307,9 @@ def main():
         raise common.UserError(f"--top-k {args.top_k} does not divide the teacher's FFN hidden size")
     enc = data.tokenizer_from_dict(tckpt["tokenizer"])
     teacher = common.build_model(tckpt, device).eval()
-    splits = data.build_splits(seed=common.data_seed(tckpt))
-    train, val = splits["train"].to_list(), splits["validation"].to_list()[:args.n_val]
-    test = splits["test"].to_list()[:args.n_test]
+    splits = data.split_rows(seed=common.data_seed(tckpt))
+    train, val = splits["train"], splits["validation"][:args.n_val]
+    test = splits["test"][:args.n_test]
     t0 = time.time()
 
     # 1-2. record and cluster

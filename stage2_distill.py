@@ -195,9 +195,9 @@ def main():
     eos = data.eos_id(enc)
     student, teacher = common.build_model(sckpt, device), common.build_model(tckpt, device).eval()
     clusters = [c.to(device) for c in sckpt["clusters"]]
-    splits = data.build_splits(seed=common.data_seed(tckpt))
-    train, val = splits["train"].to_list(), splits["validation"].to_list()[:args.n_val]
-    test = splits["test"].to_list()[:args.n_test]
+    splits = data.split_rows(seed=common.data_seed(tckpt))
+    train, val = splits["train"], splits["validation"][:args.n_val]
+    test = splits["test"][:args.n_test]
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     kl0 = eval_math.kl_to_teacher(student, teacher, enc, val, device)
     start, state = common.maybe_resume(args, student, opt)

@@ -411,9 +411,9 @@ def train(args, sample_reward=None, after_rollout=None, before_loop=None):
     teacher = common.build_model(tckpt, device).eval()
     ref = common.build_model(sckpt, device).eval() if args.w_ref > 0 else None
     clusters = [c.to(device) for c in sckpt["clusters"]]
-    splits = data.build_splits(seed=common.data_seed(tckpt))
-    sample = data.subdomain_sampler(splits["train"].to_list())
-    test, val = splits["test"].to_list()[:args.n_test], splits["validation"].to_list()
+    splits = data.split_rows(seed=common.data_seed(tckpt))
+    sample = data.subdomain_sampler(splits["train"])
+    test, val = splits["test"][:args.n_test], splits["validation"]
     probe = [data.encode_example(enc, ex) for ex in val[:args.n_probe]]
     probe_idx, _, probe_valid = common.pad_batch(*zip(*probe), device)
     probe_valid = probe_valid.flatten()

@@ -106,9 +106,9 @@ def main():
 
     enc = data.get_tokenizer()
     # the same test set for every n_train and every --seed: seeds vary the training, not the exam
-    splits = data.build_splits(n_train=max(args.n_train, 20000), seed=args.data_seed)
-    train, val = splits["train"].to_list()[:args.n_train], splits["validation"].to_list()
-    test = splits["test"].to_list()[:args.n_test]
+    splits = data.split_rows(n_train=max(args.n_train, 20000), seed=args.data_seed)
+    train, val = splits["train"][:args.n_train], splits["validation"]
+    test = splits["test"][:args.n_test]
     config = GPTConfig(vocab_size=data.vocab_size_padded(enc), n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(config).to(device)

@@ -6,12 +6,14 @@ import math
 import os
 import random
 import re
+import subprocess
 import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import data  # noqa: E402
 
 SMALL = dict(n_train=3000, n_val=200, n_test=300)
@@ -80,6 +82,7 @@ def test_split_cache_gives_the_drawn_rows(tmp_path, monkeypatch):
     third = data.build_splits(**args)  # an unreadable cache is drawn again
     for s in data.SPLITS:
         assert first[s].to_list() == second[s].to_list() == third[s].to_list() == drawn[s]
+    assert data.split_rows(**args) == drawn  # the plain rows the stages read, from the cache
     data.build_splits(**dict(args, seed=4))
     assert len(list(tmp_path.iterdir())) == 2  # the key includes the arguments
 
@@ -326,3 +329,13 @@ def test_subdomain_sampler_balances_an_unbalanced_split(splits):
         assert abs(got.count(s) / 7000 - 1 / 7) < 0.02, s
     rng_a, rng_b = random.Random(5), random.Random(5)
     assert [draw(rng_a)["question"] for _ in range(20)] == [draw(rng_b)["question"] for _ in range(20)]
+
+
+def test_split_rows_do_not_import_datasets(tmp_path):
+    """Every stage script reads split_rows; `import datasets` costs ~1 s per script start, so the
+    rows must come without it (a fresh interpreter, to see what the call itself imports)."""
+    code = ("import sys, data; rows = data.split_rows(n_train=300, n_val=50, n_test=50, seed=3); "
+            "assert len(rows['train']) == 300; assert 'datasets' not in sys.modules, 'datasets was imported'")
+    env = dict(os.environ, PADD_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
