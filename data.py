@@ -502,7 +502,7 @@ def split_rows(n_train=20000, n_val=500, n_test=700, seed=0):
 
 
 def _draw_splits(n_train, n_val, n_test, seed):
-    """build_splits' rows: {split: [problem dict, ...]}, uncached."""
+    """split_rows' rows: {split: [problem dict, ...]}, uncached."""
     cells = [(s, l) for s in SUBDOMAINS for l in LEVELS]
     need = {"train": _spread(n_train, cells), "validation": _spread(n_val, cells),
             "test": _spread(n_test, cells)}
