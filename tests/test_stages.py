@@ -13,8 +13,8 @@ from model import GPT, GPTConfig, count_params
 from stage1_cluster import (balanced_assign, balanced_kmeans, build_student, decompress, expert_neurons,
                             neuron_profiles, teacher_path)
 from stage2_distill import adaptive_lambda, gold_ce, path_kl, switch_aux_loss, token_kl_loss
-from stage3_prgrpo import (bucket, clipped_surrogate, clipped_tokens, expert_share, group_advantages, length_buckets,
-                           minibatch_rows, policy_loss, router_shift, router_shift_weight, token_logprobs, update_stats)
+from stage3_prgrpo import (bucket, clipped_surrogate, clipped_tokens, expert_share, geo_mean_surrogate,
+                           group_advantages, length_buckets, minibatch_rows, policy_loss, router_shift, router_shift_weight, token_logprobs, update_stats)
 from stage4_balance import balance_reward, calibrate_bias, sample_load
 from eval_math import max_vio
 from train_teacher import ema_update
@@ -190,6 +190,23 @@ def test_clipped_surrogate_gradient_vanishes_outside_the_clip():
     assert lp.grad[0] == 0 and lp.grad[1] != 0
 
 
+def test_geo_mean_surrogate_hand_cases_and_first_pass_gradient():
+    lr = torch.tensor([0.1, 0.3, -0.5, 0.1, 0.0])
+    adv = torch.tensor([1.0, 1.0, -2.0, -2.0, 0.5])
+    seq = torch.tensor([3, 3, 5, 5, 8])
+    got = geo_mean_surrogate(lr, torch.zeros(5), adv, seq, 0.2)
+    # seq 3, A > 0: 0.3 clipped to 0.2, mean 0.15 | seq 5, A < 0: -0.5 clipped to -0.2, 0.1 kept,
+    # mean -0.05 | seq 8: ratio 1
+    want = torch.tensor([-math.exp(0.15), 2 * math.exp(-0.05), -0.5])
+    assert torch.allclose(got, want, atol=1e-6)
+    g = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5])  # gamma rescales the ratio before the clip
+    assert float(geo_mean_surrogate(lr, torch.zeros(5), adv, seq, 0.2, g)[2]) == pytest.approx(-0.5 * 0.5)
+    # at ratio 1 each token's gradient is -A_i / |o_i|: a per-sequence mean, not a per-token one
+    lp = torch.zeros(5, requires_grad=True)
+    geo_mean_surrogate(lp, torch.zeros(5), adv, seq, 0.2).sum().backward()
+    assert torch.allclose(lp.grad, torch.tensor([-0.5, -0.5, 1.0, 1.0, -0.5]))
+
+
 def test_clipped_tokens_are_those_whose_gradient_vanishes():
     lp = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5, 1.0, 1.0, 1.0])).requires_grad_(True)
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 2.0, -1.0, 0.0])
@@ -292,8 +309,8 @@ def small_rollout(moved=True):
     return model, ro
 
 
-@pytest.mark.parametrize("algo", ["grpo", "rspo", "prgrpo"])
-def test_bucketed_policy_loss_has_the_full_batch_gradient(algo):
+@pytest.mark.parametrize("algo,agg", [("grpo", "token"), ("rspo", "token"), ("prgrpo", "token"), ("rspo", "geo")])
+def test_bucketed_policy_loss_has_the_full_batch_gradient(algo, agg):
     # the updates run on length-sorted micro-batches; their summed gradient must be the one
     # the whole padded batch gives (the slow reference: one bucket holding every row)
     model, ro = small_rollout()
@@ -301,9 +318,9 @@ def test_bucketed_policy_loss_has_the_full_batch_gradient(algo):
     tok_adv = torch.randn(valid.size(0))[ro["sample_of_token"]]
     extra = dict(t_logits=torch.randn(n, 64), p_t=[torch.softmax(torch.randn(n, 4), -1) for _ in range(2)],
                  ref_logp=-torch.rand(n))
-    args = argparse.Namespace(algo=algo, gamma_min=0.5, clip=0.2, w_ref=0.1, w_anchor=0.5, w_align=0.3,
-                              w_distill=0.2, w_aux=0.4)
-    counts = dict(tokens=n, good=int((tok_adv > 0).sum()), valid=int(valid.sum()))
+    args = argparse.Namespace(algo=algo, agg=agg, gamma_min=0.5, clip=0.2, geo_clip=0.4, w_ref=0.1, w_anchor=0.5,
+                              w_align=0.3, w_distill=0.2, w_aux=0.4)
+    counts = dict(tokens=n, good=int((tok_adv > 0).sum()), valid=int(valid.sum()), samples=valid.size(0), seq_weight=1.0)
 
     def grads(max_tokens):
         buckets = []
@@ -330,16 +347,17 @@ def test_bucketed_policy_loss_has_the_full_batch_gradient(algo):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("algo", ["grpo", "rspo", "prgrpo"])
-def test_first_pass_stands_in_for_the_rollout_forward(algo):
+@pytest.mark.parametrize("algo,agg", [("grpo", "token"), ("rspo", "token"), ("prgrpo", "token"), ("rspo", "geo")])
+def test_first_pass_stands_in_for_the_rollout_forward(algo, agg):
     # Stage III takes the old policy's values from the first update pass instead of a forward
     # of its own: at the rollout's weights that must give the same loss and gradient
     model, ro = small_rollout(moved=False)
     n = len(ro["logp_old"])
     tok_adv = torch.randn(ro["valid"].size(0), generator=torch.Generator().manual_seed(1))[ro["sample_of_token"]]
-    args = argparse.Namespace(algo=algo, gamma_min=0.5, clip=0.2, w_ref=0.0, w_anchor=0.0, w_align=0.0,
-                              w_distill=0.0, w_aux=0.0)
-    counts = dict(tokens=n, good=int((tok_adv > 0).sum()), valid=int(ro["valid"].sum()))
+    args = argparse.Namespace(algo=algo, agg=agg, gamma_min=0.5, clip=0.2, geo_clip=0.4, w_ref=0.0, w_anchor=0.0,
+                              w_align=0.0, w_distill=0.0, w_aux=0.0)
+    counts = dict(tokens=n, good=int((tok_adv > 0).sum()), valid=int(ro["valid"].sum()), samples=ro["valid"].size(0),
+                  seq_weight=1.0)
     bare = {k: v for k, v in ro.items() if k not in ("logp_old", "logg_old", "topk_old")}
 
     def run(r, **kw):
@@ -367,7 +385,7 @@ def test_bucketed_switch_loss_is_the_full_batch_switch_loss():
     model, ro = small_rollout()
     valid = ro["valid"]
     tok_adv = torch.zeros(len(ro["logp_old"]))  # A = 0: the surrogate is 0, the loss is the Switch term
-    args = argparse.Namespace(algo="grpo", clip=0.2, w_aux=1.0)
+    args = argparse.Namespace(algo="grpo", agg="token", clip=0.2, w_aux=1.0)
     buckets = [bucket(ro, tok_adv, rows, T) for rows, T in length_buckets(valid.sum(1).tolist(), 40)]
     counts = dict(tokens=len(tok_adv), good=0, valid=int(valid.sum()), share=expert_share(model, buckets))
     got = sum(policy_loss(model, b, args, counts)[0] for b in buckets)
