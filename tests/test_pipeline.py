@@ -175,9 +175,9 @@ def test_router_shift_and_lr_logged_for_every_algo(smoke, tmp_path, algo, extra)
         str(d / "stage2.pt"), "--out", str(tmp_path / "s3.pt"), "--log", str(log), "--device", "cpu", *extra)
     rs = [l for l in map(json.loads, open(log)) if "router_shift" in l]
     assert rs and all(l["algo"] == algo and l["router_shift"] >= 0 for l in rs)
-    # and the default schedule: 1e-4 cosine-decayed to 10% over the run's 2 steps
+    # and the default schedule: 3e-5 cosine-decayed to 10% over the run's 2 steps
     lrs = [l["lr"] for l in map(json.loads, open(log)) if "lr" in l]
-    assert lrs == [common.lr_at(s, 2, 1e-4, final=0.1) for s in range(2)] and lrs[1] < lrs[0]
+    assert lrs == [common.lr_at(s, 2, 3e-5, final=0.1) for s in range(2)] and lrs[1] < lrs[0]
 
 
 def test_stage3_gold_term_lowers_the_gold_cross_entropy(smoke, tmp_path):
