@@ -27,8 +27,8 @@ samples:
               L_pg = -mean_i A_i * exp(mean_{t in i} c_t),   c_t = log rho_t clipped to [-0.4, 0.4]
           on the pessimistic side of A_i (GMPO's range, `--geo-clip`): a per-sequence geometric
           mean of the ratios instead of a per-token mean. Measured from the ecefe9f study's
-          Stage II checkpoints at the peak lr of then, 1e-4 (seeds 0 / 1 / 2; router shift over the last third, on the
-          validation probe): RSPO with --agg geo 0.00152 / 0.00135 / 0.00155, GRPO 0.00170 /
+          Stage II checkpoints at the peak lr of then, 1e-4 (seeds 0 / 1 / 2; router shift
+          over the last third, on the validation probe): RSPO with --agg geo 0.00152 / 0.00135 / 0.00155, GRPO 0.00170 /
           0.00134 / 0.00163, GMPO alone (grpo, --agg geo) 0.00155 / 0.00164 / 0.00160; gamma
           0.9997-0.9998 throughout. Neither the aggregation nor gamma moves the router
           measurably at our scale, so the default stays `--agg token`, like the other two.
@@ -45,7 +45,7 @@ Schedule: AdamW at a peak lr of 3e-5, cosine-decayed to 10% of it by the last st
 0.1`), the shape of Stage II's schedule (whose own lr ends at 5e-5). The peak was 1e-4 until the
 ecefe9f study, and lowered once Stage II balanced as it trained: from that study's Stage II
 checkpoints (all 500 validation problems, seeds 0 / 1 / 2; Stage II itself 50.0 / 40.8 / 50.2,
-mean 47.0, held-out KL(T||S) 0.0085), each Stage III then the default Stage IV:
+mean 47.0, held-out KL(T||S) 0.0085), each Stage III, then Stage IV at its lr of then (3e-5):
 
     | peak lr      | Stage III (validation)    | then Stage IV             | KL(T||S) | RS, last third |
     | 1e-4 (was)   | 48.6 / 39.8 / 49.6 (46.0) | 49.8 / 38.8 / 51.2 (46.6) | 0.0127   | 0.0009         |
@@ -58,7 +58,8 @@ At 1e-4 Stage III ended below its Stage II on every seed; at 3e-5 above it on ev
 of the first 8 steps against the last 8: 0.34 -> 0.36, 0.30 -> 0.28, 0.42 -> 0.42 at 3e-5, the
 same at 1e-4): what the smaller step buys is less drift from the student Stage II left (the
 held-out KL rises 0.0013 over Stage II's instead of 0.0042) while the kept gold cross-entropy
-goes on teaching. Stage IV still takes part of it back (47.7 -> 47.0). The baselines share
+goes on teaching. Stage IV at 3e-5 took part of it back (47.7 -> 47.0); at its lr of now, 1e-5,
+it does not (47.7; stage4_balance.py). The baselines share
 the schedule, so GRPO's and RSPO's router shift falls with it too. Everything measured below
 this paragraph ran at the earlier peaks.
 
@@ -248,7 +249,7 @@ def geo_mean_surrogate(logp, logp_old, adv, seq, clip, gamma=None):
     """GMPO's sequence-level objective to *minimise*, one entry per sequence of the bucket:
     -A_i * exp(mean_{t in i} c_t), where c_t is the token's log-ratio (plus log gamma_t) clipped
     pessimistically to [-clip, clip] (a token of A > 0 stops pushing up past +clip, of A < 0
-    past -clip). seq [N] names each token's sequence; the rows come in ascending seq order."""
+    past -clip). seq [N] names each token's sequence (any order; the output is by sorted seq)."""
     lr = logp - logp_old
     if gamma is not None:
         lr = lr + gamma.log()

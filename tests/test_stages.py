@@ -14,7 +14,8 @@ from stage1_cluster import (balanced_assign, balanced_kmeans, build_student, dec
                             neuron_profiles, teacher_path)
 from stage2_distill import adaptive_lambda, gold_ce, path_kl, switch_aux_loss, token_kl_loss
 from stage3_prgrpo import (bucket, clipped_surrogate, clipped_tokens, expert_share, geo_mean_surrogate,
-                           group_advantages, length_buckets, minibatch_rows, policy_loss, router_shift, router_shift_weight, token_logprobs, update_stats)
+                           group_advantages, length_buckets, minibatch_rows, policy_loss, router_shift,
+                           router_shift_weight, token_logprobs, update_stats)
 from stage4_balance import balance_reward, calibrate_bias, sample_load
 from eval_math import max_vio
 from train_teacher import ema_update
