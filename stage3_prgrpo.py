@@ -161,6 +161,7 @@ see the global batch), gradients averaged, and the test set is graded in shards.
 """
 
 import argparse
+import math
 import random
 import time
 
@@ -261,12 +262,14 @@ def geo_mean_surrogate(logp, logp_old, adv, seq, clip, gamma=None):
     return -a * mean.exp()
 
 
-def clipped_tokens(logp, logp_old, adv, clip, gamma=None):
+def clipped_tokens(logp, logp_old, adv, clip, gamma=None, geo=False):
     """Tokens on the clipped branch of the surrogate, which carry no policy gradient: A > 0 with
-    rho > 1 + eps, A < 0 with rho < 1 - eps. Logged as clip_frac because it is where RSPO acts
-    hardest: a gamma below 1 - eps puts a token of negative advantage there whatever its ratio."""
+    rho > 1 + eps, A < 0 with rho < 1 - eps (geo: GMPO's bounds on the log-ratio, rho > e^eps
+    and rho < e^-eps). Logged as clip_frac because it is where RSPO acts hardest: a gamma below
+    the lower bound puts a token of negative advantage there whatever its ratio."""
     rho = importance_ratio(logp, logp_old, gamma).detach()
-    return ((adv > 0) & (rho > 1 + clip)) | ((adv < 0) & (rho < 1 - clip))
+    lo, hi = (math.exp(-clip), math.exp(clip)) if geo else (1 - clip, 1 + clip)
+    return ((adv > 0) & (rho > hi)) | ((adv < 0) & (rho < lo))
 
 
 def router_shift_weight(logg_new, logg_old, topk_old, gamma_min):
@@ -372,7 +375,9 @@ def policy_loss(student, b, args, counts, tok_weight=1.0):
         aux = sum(f.router_probs.size(-1) * (share * f.router_probs[vflat].sum(0)).sum()
                   for share, f in zip(counts["share"], student.ffns))
         loss = loss + args.w_aux * aux / counts["valid"]
-    return loss, dict(gamma=gamma, clipped=clipped_tokens(logp, b["logp_old"], b["adv"], args.clip, gamma))
+    geo = args.agg == "geo"
+    clipped = clipped_tokens(logp, b["logp_old"], b["adv"], args.geo_clip if geo else args.clip, gamma, geo)
+    return loss, dict(gamma=gamma, clipped=clipped)
 
 
 def update_stats(diags, gamma_min):

@@ -219,6 +219,19 @@ def test_clipped_tokens_are_those_whose_gradient_vanishes():
     assert clipped_tokens(lp, torch.zeros(7), adv, 0.2)[5].item() is False
 
 
+def test_geo_clipped_tokens_are_those_whose_gradient_vanishes():
+    # log-ratios 0.3 and -0.3 sit outside the token rule's [1 - 0.2, 1 + 0.2] but inside GMPO's
+    # [-0.4, 0.4]; 0.5 and -0.5 lie outside both
+    lp = torch.tensor([0.3, -0.3, 0.5, -0.5, 0.5, -0.5]).requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0, 1.0])
+    seq = torch.arange(6)
+    mask = clipped_tokens(lp, torch.zeros(6), adv, 0.4, geo=True)
+    assert mask.tolist() == [False, False, True, True, False, False]
+    assert clipped_tokens(lp, torch.zeros(6), adv, 0.2)[:2].tolist() == [True, True]
+    geo_mean_surrogate(lp, torch.zeros(6), adv, seq, 0.4).sum().backward()
+    assert torch.equal(lp.grad == 0, mask)
+
+
 def test_update_stats_spread_floor_and_clip_share():
     d = [dict(gamma=torch.tensor([0.5, 1.0]), clipped=torch.tensor([True, False])),
          dict(gamma=torch.tensor([0.5, 1.0]), clipped=torch.tensor([False, False]))]
