@@ -905,7 +905,9 @@ def is_equiv(pred, gold) -> bool:
     element-wise with the same bracket types; sets and bare comma lists in any order;
     numbers with relative tolerance 1e-6 (after evaluating simple LaTeX arithmetic);
     expressions in the same variables by evaluation at fixed generic points.
-    A missing / empty prediction or gold is never equivalent.
+    A missing / empty prediction or gold is never equivalent. Since arithmetic is evaluated,
+    "8 - 8 + 7" equals "7": an answer that copies a question's arithmetic passes (README,
+    "Grader and classifier").
     """
     try:
         if pred is None or gold is None:
@@ -1482,6 +1484,8 @@ def main():
     parser.add_argument("--table", metavar="DIR", help="print the stored metrics of DIR/{teacher,stage1..4}.pt as one table")
     parser.add_argument("--data", default="suite", help="'suite' (built-in test split) or a benchmark .jsonl (name or path)")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"], help="suite split")
+    parser.add_argument("--data-seed", type=int, default=0,
+                        help="seed of the suite's splits: the teacher's train_teacher.py --data-seed")
     parser.add_argument("--n", type=int, help="evaluate the first N problems only")
     parser.add_argument("--batch-size", type=int, default=100, help="prompts generated together")
     parser.add_argument("--json", help="write the results (with the per-problem grades, without the predictions) here")
@@ -1497,7 +1501,7 @@ def main():
     if not args.ckpt:
         parser.error("give --ckpt PATH or --table DIR")
     device = common.pick_device(args.device)
-    records = load_records(args.data, args.split)
+    records = load_records(args.data, args.split, args.data_seed)
     records = records[:args.n] if args.n else records
     results = {}
     for path in args.ckpt:

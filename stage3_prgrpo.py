@@ -76,10 +76,11 @@ the two (44.3 to 44.5).
 Measured again once Stage II had its gold cross-entropy (the 0bd093d study's Stage II
 checkpoints, seeds 1 / 2, all 500 validation problems): Stage II 43.2 / 45.0 (mean 44.1);
 PR-GRPO at the default 44.2 / 43.0 (43.6); lr 5e-5 44.0 / 44.6 (44.3); lr 2e-5 43.0 / 45.2
-(44.1); sampling temperature 0.7 43.4 / 43.6 (43.5); vanilla GRPO at the default 41.6 / 42.2
-(41.9). Every PR-GRPO setting lands within a seed's noise (~2 points at 500 problems) of the
-Stage II it starts from: 40 steps of 128 samples move the train reward from ~0.33 to ~0.35
-and greedy accuracy not measurably. The default is unchanged; RESULTS.md says what this means
+(44.1); sampling temperature 0.7 43.4 / 43.6 (43.5; a run from before the log-probs took the
+temperature, so its ratios compared the untempered policy with the tempered one); vanilla GRPO
+at the default 41.6 / 42.2 (41.9). Every PR-GRPO setting lands within a seed's noise (~2
+points at 500 problems) of the Stage II it starts from: 40 steps of 128 samples move the
+train reward from ~0.33 to ~0.35 and greedy accuracy not measurably. The default is unchanged; RESULTS.md says what this means
 for the claims.
 
 The kept gold cross-entropy (`--w-gold`, default 1; prgrpo only, the baselines stay as their
@@ -122,7 +123,7 @@ probe,  RS(u, u') = mean_l E_t sum_j |G_u(x_t)_j - G_u'(x_t)_j|,  and appended t
 JSON-lines log (`router_shift`): the paper's Figures 4 and 5 are drawn from it.
 
 Stage IV (stage4_balance.py) is this loop plus a per-sample balance reward and a selection-only
-router bias, passed in through `sample_reward` and `after_rollout`.
+router bias, passed in through `advantages` and `after_rollout`.
 
 Simplifications (nanochat-style, all at small scale):
 - no format reward by default (`--format-reward` adds one for emitting an extractable answer);
@@ -157,7 +158,16 @@ update first counts f_e in one no-grad pass over the buckets (`expert_share`).
 Under torchrun the prompts of a step are split over ranks and each rank rolls out its prompts'
 G samples; a group never straddles ranks, so group-normalised advantages need no gather.
 Rewards are averaged over ranks for the log, expert loads summed (Stage IV's bias and MaxVio
-see the global batch), gradients averaged, and the test set is graded in shards.
+see the global batch), gradients averaged, and the test set is graded in shards. Every term of
+the loss is a mean over the global batch's tokens (or samples, or A > 0 tokens): each rank
+weighs its sums by its share of the global count (common.global_weight; at first only the
+surrogate was, and the other terms were means of the ranks' means), and the Switch
+loss's f_e is counted over all ranks (test_ranks_weighted_shares_average_to_the_global_batch_loss).
+
+The log records, per step, `uniform_groups`: the share of groups whose samples are all right
+or all wrong. Their correctness advantage is 0, so they teach nothing but the other terms
+(Stage III from the e3346d2 study's Stage II: 43% and 47% of the groups on average, seeds 0
+and 1, 6-88% per step; in Stage IV they carry the balance reward alone).
 """
 
 import argparse
@@ -285,10 +295,15 @@ def router_shift(g_a, g_b):
     return float(torch.stack([(a - b).abs().sum(-1).mean() for a, b in zip(g_a, g_b)]).mean())
 
 
-def token_logprobs(logits, targets):
-    """log pi(y_t) for targets >= 0 (flattened), from logits [B, T, V]."""
+def token_logprobs(logits, targets, temperature=1.0):
+    """log pi(y_t) for targets >= 0 (flattened), from logits [B, T, V]. pi is the policy the
+    rollouts sample, softmax(logits / temperature): at a temperature other than 1 the ratio
+    must compare that policy, not the untempered one, or the first pass's ratio is not 1."""
     mask = targets >= 0
-    lp = logits.float().log_softmax(-1)[mask]
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    lp = logits.log_softmax(-1)[mask]
     return lp.gather(1, targets[mask][:, None]).squeeze(1)
 
 
@@ -334,11 +349,14 @@ def policy_loss(student, b, args, counts, tok_weight=1.0):
     """Bucket b's share of the step's loss (the docstring's L for `--algo`): every token term is
     a sum over b's tokens divided by the whole batch's count (counts: tokens, good = tokens of
     A > 0 samples, valid = non-pad tokens), so the buckets' losses add up to the batch's.
+    Under torchrun each count is this rank's, and its common.global_weight (tok_weight, and
+    counts' good_weight / valid_weight, 1 on one process) turns the rank's mean into its share
+    of the global batch's mean once gradients are averaged over ranks.
     Returns (loss, diagnostics: gamma per token or None, and the clipped_tokens mask)."""
     with common.autocast(b["idx"].device):
         logits, _ = student(b["idx"])
     mflat = b["mask"].flatten()
-    logp = token_logprobs(logits, b["targets"])
+    logp = token_logprobs(logits, b["targets"], args.temperature)
     logg = [f.router_probs[mflat].clamp(min=1e-9).log() for f in student.ffns]
     if "logp_old" not in b:
         # the first pass over a rollout runs at the weights that sampled it, so its own values,
@@ -346,7 +364,7 @@ def policy_loss(student, b, args, counts, tok_weight=1.0):
         # rollout needs no forward of its own
         b.update(logp_old=logp.detach(), logg_old=[lg.detach() for lg in logg],
                  topk_old=[f.topk_idx[mflat] for f in student.ffns])
-    n, L = counts["tokens"], len(logg)
+    n, L = counts["tokens"] / tok_weight, len(logg)  # the token terms below are means over the global batch
     gamma = None
     if args.algo in ("rspo", "prgrpo"):
         gamma = router_shift_weight(logg, b["logg_old"], b["topk_old"], args.gamma_min)
@@ -354,7 +372,7 @@ def policy_loss(student, b, args, counts, tok_weight=1.0):
         loss = geo_mean_surrogate(logp, b["logp_old"], b["adv"], b["seq"], args.geo_clip, gamma).sum() \
             / counts["samples"] * counts["seq_weight"]
     else:
-        loss = clipped_surrogate(logp, b["logp_old"], b["adv"], args.clip, gamma).sum() / n * tok_weight
+        loss = clipped_surrogate(logp, b["logp_old"], b["adv"], args.clip, gamma).sum() / n
     if "ref_logp" in b:
         d = b["ref_logp"] - logp
         loss = loss + args.w_ref * (torch.exp(d) - d - 1).sum() / n
@@ -364,7 +382,8 @@ def policy_loss(student, b, args, counts, tok_weight=1.0):
             loss = loss + args.w_anchor * anchor
         good = b["adv"] > 0
         if args.w_align > 0 and good.any():
-            align = sum(path_kl(p[good], lg[good].exp()).sum() for p, lg in zip(b["p_t"], logg)) / (L * counts["good"])
+            n_good = counts["good"] / counts.get("good_weight", 1.0)
+            align = sum(path_kl(p[good], lg[good].exp()).sum() for p, lg in zip(b["p_t"], logg)) / (L * n_good)
             loss = loss + args.w_align * align
         if args.w_distill > 0:
             loss = loss + args.w_distill * token_kl_loss(b["t_logits"], logits[b["mask"]], beta=0.0).sum() / n
@@ -374,7 +393,7 @@ def policy_loss(student, b, args, counts, tok_weight=1.0):
         vflat = b["valid"].flatten()
         aux = sum(f.router_probs.size(-1) * (share * f.router_probs[vflat].sum(0)).sum()
                   for share, f in zip(counts["share"], student.ffns))
-        loss = loss + args.w_aux * aux / counts["valid"]
+        loss = loss + args.w_aux * aux / (counts["valid"] / counts.get("valid_weight", 1.0))
     geo = args.agg == "geo"
     clipped = clipped_tokens(logp, b["logp_old"], b["adv"], args.geo_clip if geo else args.clip, gamma, geo)
     return loss, dict(gamma=gamma, clipped=clipped)
@@ -397,15 +416,16 @@ def update_stats(diags, gamma_min):
 @torch.no_grad()
 def expert_share(student, buckets):
     """Per layer, each expert's share of the top-k selections over the valid tokens of all
-    buckets: the f of the Switch loss, which is not a sum over tokens and so needs a pass of
-    its own before the bucketed backward passes."""
+    buckets (summed over ranks under torchrun): the f of the Switch loss, which is not a sum over
+    tokens and so needs a pass of its own before the bucketed backward passes."""
     counts = None
     for b in buckets:
         student(b["idx"])
         vflat = b["valid"].flatten()
         c = [torch.bincount(f.topk_idx[vflat].flatten(), minlength=f.router_probs.size(-1)) for f in student.ffns]
         counts = c if counts is None else [a + n for a, n in zip(counts, c)]
-    return [c.float() / c.sum() for c in counts]
+    counts = [common.all_reduce(c.float()) for c in counts]
+    return [c / c.sum() for c in counts]
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -436,10 +456,13 @@ def rollout(student, enc, batch, args, gen, device, record_old=True):
     ro = dict(idx=idx, targets=targets, valid=valid, correct=correct, rewards=rewards,
               sample_of_token=torch.arange(len(prompts), device=device)[:, None].expand_as(targets)[targets >= 0])
     if record_old:
-        with torch.no_grad():
+        # under the updates' autocast (bf16 on CUDA): in fp32 the first pass's ratio would not be
+        # 1 nor its gamma 1, and the precision gap (~0.002 in router probabilities) outweighs the
+        # router shift RSPO and the anchor are there to see
+        with torch.no_grad(), common.autocast(device):
             logits, _ = student(idx)
         mflat = (targets >= 0).flatten()
-        ro.update(logp_old=token_logprobs(logits, targets),
+        ro.update(logp_old=token_logprobs(logits, targets, args.temperature),
                   logg_old=[f.router_probs[mflat].clamp(min=1e-9).log() for f in student.ffns],
                   topk_old=[f.topk_idx[mflat] for f in student.ffns],
                   # every routed token, prompt included: the load that inference pays for
@@ -448,10 +471,11 @@ def rollout(student, enc, batch, args, gen, device, record_old=True):
     return ro
 
 
-def train(args, sample_reward=None, after_rollout=None, before_loop=None):
+def train(args, advantages=None, after_rollout=None, before_loop=None):
     """The RL loop shared by Stages III and IV.
 
-    sample_reward(student, ro) -> [B] extra per-sample reward (Stage IV's balance reward);
+    advantages(student, ro) -> [B] replaces group_advantages(ro["rewards"]) (Stage IV's balance
+    reward enters there; it may set ro["balance"], a per-sample term whose mean is logged);
     after_rollout(student, ro) runs once per rollout batch (Stage IV's router-bias update);
     before_loop(student, enc, sample, device, log) runs once before the first step of a fresh run
     (Stage IV's bias calibration), where sample(rng) draws a training problem.
@@ -485,7 +509,7 @@ def train(args, sample_reward=None, after_rollout=None, before_loop=None):
     # not run at the rollout's weights and routing: with several minibatches (the second runs
     # after the first's optimiser step), and in Stage IV (its bias moves between the rollout and
     # the updates, and its reward reads the rollout's routing). Otherwise the first pass is it.
-    record_old = args.minibatches > 1 or sample_reward is not None or after_rollout is not None
+    record_old = args.minibatches > 1 or advantages is not None or after_rollout is not None
     t0 = time.time()
     if before_loop is not None and start == 0:
         before_loop(student, enc, sample, device, log)
@@ -506,10 +530,8 @@ def train(args, sample_reward=None, after_rollout=None, before_loop=None):
         gold = None
         if args.algo == "prgrpo" and args.w_gold > 0:
             gold = common.pad_batch(*zip(*[data.encode_example(enc, ex) for ex in batch]), device)[:2]
-        rewards = ro["rewards"].clone()
-        if sample_reward is not None:
-            rewards += sample_reward(student, ro)
-        adv = group_advantages(rewards, args.group).to(device)
+        rewards = ro["rewards"]
+        adv = (group_advantages(rewards, args.group) if advantages is None else advantages(student, ro)).to(device)
         tok_adv = adv[ro["sample_of_token"]]
         plans = []  # (buckets, token counts, global weight) of each minibatch, fixed across the mu passes
         for mb in minibatch_rows(len(rewards), args.minibatches, seed=args.seed * 1_000_003 + step):
@@ -522,10 +544,13 @@ def train(args, sample_reward=None, after_rollout=None, before_loop=None):
                     b["t_logits"], b["p_t"] = t_logits[b["mask"]], [p[b["mask"].flatten()] for p in p_t]
                 if ref is not None:
                     with torch.no_grad():
-                        b["ref_logp"] = token_logprobs(ref(b["idx"])[0], b["targets"])
+                        b["ref_logp"] = token_logprobs(ref(b["idx"])[0], b["targets"], args.temperature)
             adv_mb = torch.cat([b["adv"] for b in buckets])
             counts = dict(tokens=len(adv_mb), good=int((adv_mb > 0).sum()),
                           valid=int(sum(b["valid"].sum() for b in buckets)), samples=len(mb))
+            if common.world() > 1:
+                counts.update(good_weight=common.global_weight(counts["good"], device),
+                              valid_weight=common.global_weight(counts["valid"], device))
             if args.agg == "geo":  # a mean over the global minibatch's sequences, not its tokens
                 counts["seq_weight"] = common.global_weight(len(mb), device)
             plans.append((buckets, counts, common.global_weight(counts["tokens"], device)))  # token mean over the global minibatch
@@ -554,11 +579,18 @@ def train(args, sample_reward=None, after_rollout=None, before_loop=None):
                 stats = dict(loss=float(loss), **update_stats(diags, args.gamma_min))
                 if l_gold is not None:
                     stats["loss_gold"] = float(l_gold.detach())
-        acc, mean_reward = (float(v) / common.world() for v in
-                            common.all_reduce(torch.tensor([float(ro["correct"].mean()), float(rewards.mean())], device=device)))
+        # uniform groups: every sample equally right (or wrong), so no correctness signal (DAPO's
+        # zero-variance groups); Stage IV's balance term is then all their advantage carries
+        c = ro["correct"].view(-1, args.group)
+        means = [c.mean(), rewards.mean(), (c == c[:, :1]).all(1).float().mean(),
+                 ro.get("balance", torch.zeros(1)).mean()]
+        acc, mean_reward, uniform, balance = (float(v) / common.world() for v in common.all_reduce(
+            torch.tensor([float(m) for m in means], device=device)))
         rewards_curve.append(acc)
         rec = dict(stage=args.stage, algo=args.algo, step=step + 1, reward=mean_reward, train_acc=acc,
-                   lr=opt.param_groups[0]["lr"], **stats)
+                   uniform_groups=uniform, lr=opt.param_groups[0]["lr"], **stats)
+        if "balance" in ro:
+            rec["balance"] = balance
         if (step + 1) % args.rs_every == 0 or step + 1 == args.steps:
             g_now = probe_router(student, probe_idx, probe_valid)
             rec["router_shift"] = router_shift(g_now, g_prev)

@@ -16,7 +16,7 @@ from stage2_distill import adaptive_lambda, gold_ce, path_kl, switch_aux_loss, t
 from stage3_prgrpo import (bucket, clipped_surrogate, clipped_tokens, expert_share, geo_mean_surrogate,
                            group_advantages, length_buckets, minibatch_rows, policy_loss, router_shift,
                            router_shift_weight, token_logprobs, update_stats)
-from stage4_balance import balance_reward, calibrate_bias, sample_load
+from stage4_balance import balance_advantages, balance_reward, calibrate_bias, sample_load
 from eval_math import max_vio
 from train_teacher import ema_update
 
@@ -333,7 +333,7 @@ def test_bucketed_policy_loss_has_the_full_batch_gradient(algo, agg):
     extra = dict(t_logits=torch.randn(n, 64), p_t=[torch.softmax(torch.randn(n, 4), -1) for _ in range(2)],
                  ref_logp=-torch.rand(n))
     args = argparse.Namespace(algo=algo, agg=agg, gamma_min=0.5, clip=0.2, geo_clip=0.4, w_ref=0.1, w_anchor=0.5,
-                              w_align=0.3, w_distill=0.2, w_aux=0.4)
+                              w_align=0.3, w_distill=0.2, w_aux=0.4, temperature=1.0)
     counts = dict(tokens=n, good=int((tok_adv > 0).sum()), valid=int(valid.sum()), samples=valid.size(0), seq_weight=1.0)
 
     def grads(max_tokens):
@@ -369,7 +369,7 @@ def test_first_pass_stands_in_for_the_rollout_forward(algo, agg):
     n = len(ro["logp_old"])
     tok_adv = torch.randn(ro["valid"].size(0), generator=torch.Generator().manual_seed(1))[ro["sample_of_token"]]
     args = argparse.Namespace(algo=algo, agg=agg, gamma_min=0.5, clip=0.2, geo_clip=0.4, w_ref=0.0, w_anchor=0.0,
-                              w_align=0.0, w_distill=0.0, w_aux=0.0)
+                              w_align=0.0, w_distill=0.0, w_aux=0.0, temperature=1.0)
     counts = dict(tokens=n, good=int((tok_adv > 0).sum()), valid=int(ro["valid"].sum()), samples=ro["valid"].size(0),
                   seq_weight=1.0)
     bare = {k: v for k, v in ro.items() if k not in ("logp_old", "logg_old", "topk_old")}
@@ -394,12 +394,73 @@ def test_first_pass_stands_in_for_the_rollout_forward(algo, agg):
         assert run(bare, w_anchor=0.5)[0] == run(bare)[0]
 
 
+@pytest.mark.parametrize("algo,agg", [("prgrpo", "token"), ("rspo", "geo")])
+def test_ranks_weighted_shares_average_to_the_global_batch_loss(algo, agg):
+    # under torchrun each rank holds some rows, counts its own tokens and weighs each term by
+    # common.global_weight of its count; averaging the ranks' gradients must then give the
+    # one-process loss and gradient of the whole batch (two ranks simulated in one process)
+    model, ro = small_rollout()
+    valid, n = ro["valid"], len(ro["logp_old"])
+    tok_adv = torch.randn(valid.size(0), generator=torch.Generator().manual_seed(2))[ro["sample_of_token"]]
+    extra = dict(t_logits=torch.randn(n, 64), p_t=[torch.softmax(torch.randn(n, 4), -1) for _ in range(2)],
+                 ref_logp=-torch.rand(n))
+    args = argparse.Namespace(algo=algo, agg=agg, gamma_min=0.5, clip=0.2, geo_clip=0.4, w_ref=0.1, w_anchor=0.5,
+                              w_align=0.3, w_distill=0.2, w_aux=0.4, temperature=1.0)
+
+    def buckets_of(rows):
+        out = []
+        for r, T in length_buckets(valid[rows].sum(1).tolist(), 40):
+            b = bucket(ro, tok_adv, rows[r], T)
+            b.update(t_logits=extra["t_logits"][b["pos"]], p_t=[p[b["pos"]] for p in extra["p_t"]],
+                     ref_logp=extra["ref_logp"][b["pos"]])
+            out.append(b)
+        return out
+
+    def count(buckets):
+        adv = torch.cat([b["adv"] for b in buckets])
+        return dict(tokens=len(adv), good=int((adv > 0).sum()), valid=int(sum(b["valid"].sum() for b in buckets)),
+                    samples=len(torch.cat([b["seq"] for b in buckets]).unique()))
+
+    def loss_and_grad(buckets, counts, tok_weight):
+        model.zero_grad()
+        loss = sum(policy_loss(model, b, args, counts, tok_weight)[0] for b in buckets)
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    everything = buckets_of(torch.arange(valid.size(0)))
+    share = expert_share(model, everything)  # what expert_share's all-reduce gives every rank
+    full = count(everything)
+    loss_full, g_full = loss_and_grad(everything, dict(full, share=share, seq_weight=1.0), 1.0)
+    losses, grads = [], []
+    for rows in (torch.tensor([0, 2, 4]), torch.tensor([1, 5, 3])):
+        buckets = buckets_of(rows)
+        c = count(buckets)
+        w = {k: c[k] * 2 / full[k] for k in c}  # common.global_weight with 2 ranks
+        c.update(share=share, seq_weight=w["samples"], good_weight=w["good"], valid_weight=w["valid"])
+        loss, g = loss_and_grad(buckets, c, w["tokens"])
+        losses.append(loss)
+        grads.append(g)
+    assert sum(losses) / 2 == pytest.approx(loss_full, rel=1e-5)
+    for a, b, want in zip(*grads, g_full):
+        assert torch.allclose((a + b) / 2, want, atol=1e-6, rtol=1e-4)
+
+
+def test_token_logprobs_are_the_tempered_policys():
+    logits = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([[1, -1, 4], [0, 2, -1]])
+    got = token_logprobs(logits, targets, temperature=0.5)
+    want = (2 * logits).log_softmax(-1)[targets >= 0].gather(1, targets[targets >= 0][:, None]).squeeze(1)
+    assert torch.allclose(got, want) and len(got) == 4
+    assert torch.equal(token_logprobs(logits, targets), token_logprobs(logits, targets, 1.0))
+    assert not torch.allclose(got, token_logprobs(logits, targets))
+
+
 def test_bucketed_switch_loss_is_the_full_batch_switch_loss():
     # the one term that is not a sum over tokens: against stage2's switch_aux_loss on the whole batch
     model, ro = small_rollout()
     valid = ro["valid"]
     tok_adv = torch.zeros(len(ro["logp_old"]))  # A = 0: the surrogate is 0, the loss is the Switch term
-    args = argparse.Namespace(algo="grpo", agg="token", clip=0.2, w_aux=1.0)
+    args = argparse.Namespace(algo="grpo", agg="token", clip=0.2, w_aux=1.0, temperature=1.0)
     buckets = [bucket(ro, tok_adv, rows, T) for rows, T in length_buckets(valid.sum(1).tolist(), 40)]
     counts = dict(tokens=len(tok_adv), good=0, valid=int(valid.sum()), share=expert_share(model, buckets))
     got = sum(policy_loss(model, b, args, counts)[0] for b in buckets)
@@ -412,6 +473,21 @@ def test_bucketed_switch_loss_is_the_full_batch_switch_loss():
 
 
 # ----------------------------------------------------------------------------- Stage IV
+
+
+def test_balance_advantage_weight_is_alpha_only_when_separate():
+    # group 0: every sample right, so only the balance reward tells them apart; group 1: mixed
+    r = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0])
+    b = torch.tensor([0.90, 0.92, 0.95, 0.91, 0.90, 0.92, 0.95, 0.91])
+    for alpha in (0.1, 0.01):
+        joint = balance_advantages(r, b, 4, alpha, "joint")
+        assert torch.equal(joint, group_advantages(r + alpha * b, 4))
+        # the spec's reading: the all-right group's balance term is normalised to unit spread
+        assert float(joint[:4].std(unbiased=False)) == pytest.approx(1.0, rel=1e-2)
+        sep = balance_advantages(r, b, 4, alpha, "separate")
+        assert float(sep[:4].std(unbiased=False)) == pytest.approx(alpha, rel=1e-3)
+        assert torch.allclose(sep[4:], group_advantages(r, 4)[4:] + alpha * group_advantages(b, 4)[4:])
+        assert torch.equal(sep[:4].argsort(), b[:4].argsort())  # the more even sample still wins
 
 def test_balance_reward_per_sample():
     topk = torch.tensor([[0, 1], [2, 3], [0, 1], [0, 1]])
