@@ -127,7 +127,8 @@ STAGES = {"teacher": "train_teacher.py", "stage1": "stage1_cluster.py", "stage2"
 RS_NODES = {"grpo": "s3_grpo", "rspo": "s3_rspo", "prgrpo": "s3_prgrpo"}
 
 # two-sided 95% critical values of Student's t, by degrees of freedom
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+       10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
 
 SHORT = {"prealgebra": "prealg", "algebra": "alg", "number_theory": "numth", "counting_probability": "count",
          "geometry": "geom", "intermediate_algebra": "intalg", "precalculus": "precalc"}
@@ -305,7 +306,9 @@ def mean_ci95(xs):
     if n < 2:
         return m, 0.0
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-    return m, T95.get(n - 1, 1.96) * sd / math.sqrt(n)
+    # between tabled degrees of freedom, the next smaller one's (wider) value; past 30, 1.96
+    t = T95[max(d for d in T95 if d <= n - 1)] if n - 1 <= 30 else 1.96
+    return m, t * sd / math.sqrt(n)
 
 
 def mean_per_subdomain(ms):
@@ -404,6 +407,14 @@ def node_commits(jsonl, keys):
     return counts
 
 
+def newest_commit(jsonl, keys):
+    """The commit of the most recently made of keys' checkpoints (None if none is recorded): the
+    code of a mixed study's latest numbers, which summary.json names as its commit."""
+    last = last_records(jsonl)
+    recs = [last[k] for k in keys if k in last and "commit" in last[k]]
+    return max(recs, key=lambda r: r["time"])["commit"] if recs else None
+
+
 def study_time(jsonl, keys):
     """(sum of node seconds, wall clock, keys without a timing, summed seconds per stage script)
     from the last successful record of each (node, seed) in keys."""
@@ -493,23 +504,34 @@ def seed_shifts(metrics, seeds):
             for a, n in RS_NODES.items() if all((n, s) in metrics for s in seeds)}
 
 
-def paired_shift_text(shifts):
-    """Seed by seed, each algorithm's late router shift against the next one's in the claimed
-    order (they start from the same Stage II checkpoint), as relative gaps and a count."""
-    parts = []
+def shift_gaps(shifts):
+    """{(lo, hi): (each seed's relative gap of lo's late router shift to hi's, in %, then their
+    mean and 95% half-width)} for the adjacent pairs of the claimed order prgrpo < rspo < grpo
+    that both ran (the pair starts from the same Stage II checkpoint, so the gap is paired)."""
+    out = {}
     for lo, hi in (("prgrpo", "rspo"), ("rspo", "grpo")):
         if lo in shifts and hi in shifts:
             rel = [100 * (a - b) / b for a, b in zip(shifts[lo], shifts[hi])]
-            parts.append(f"{lo} vs {hi} {', '.join(f'{r:+.0f}%' for r in rel)} "
-                         f"({sum(r < 0 for r in rel)} of {len(rel)} below)")
+            out[lo, hi] = (rel, *mean_ci95(rel))
+    return out
+
+
+def paired_shift_text(shifts):
+    """Seed by seed, each algorithm's late router shift against the next one's in the claimed
+    order, as relative gaps, a count, and their mean with its 95% interval over seeds."""
+    parts = [f"{lo} vs {hi} {', '.join(f'{r:+.0f}%' for r in rel)} ({sum(r < 0 for r in rel)} of {len(rel)} below; "
+             f"mean {m:+.0f}% ± {h:.0f}%)" for (lo, hi), (rel, m, h) in shift_gaps(shifts).items()]
     return "; per seed, " + "; ".join(parts) if parts else ""
 
 
 def claims(summary, wall_seconds=None, gamma=None, per_script=None, by_problem=None, shifts=None):
     """The study's targets, judged on the numbers: [(target, "holds" | "does not hold" |
     "not measured", the numbers behind it)]. gamma ({algo: late mean of RSPO's weight}),
-    per_script ({script: summed seconds}), by_problem (problem_gaps) and shifts (seed_shifts)
-    only add to the explanation: a verdict is on the means, as the targets are stated."""
+    per_script ({script: summed seconds}) and by_problem (problem_gaps) only add to the
+    explanation: a verdict is on the means, as the targets are stated. The router-shift order is
+    the exception: where shifts (seed_shifts) has two seeds or more, each of its two steps must
+    also clear the seeds' noise (the paired relative gaps' 95% interval below 0), since a mean
+    gap of 0.4% between RSPO and GRPO once read "holds" with the seeds at -4%, -10% and +14%."""
     out, var, pct = [], summary["variants"], lambda x: f"{100 * x:.1f}%"
     t = summary["teacher"]["acc"]
 
@@ -548,8 +570,12 @@ def claims(summary, wall_seconds=None, gamma=None, per_script=None, by_problem=N
             if "rspo" in gamma and 1 - gamma["rspo"] < 0.01:
                 text += (" (within 1% of 1: between a rollout and its updates the router barely moves, so"
                          " RSPO reweights its tokens by under 1% on average and stays close to GRPO)")
+        noisy = [f"{lo} vs {hi}" for (lo, hi), (rel, m, h) in shift_gaps(shifts or {}).items()
+                 if len(rel) > 1 and m + h >= 0]
+        if noisy:
+            text += f"; within the seeds' noise: {', '.join(noisy)}"
         out.append(("router shift over the last third: PR-GRPO < RSPO < GRPO",
-                    verdict(late["prgrpo"] < late["rspo"] < late["grpo"]), text))
+                    verdict(late["prgrpo"] < late["rspo"] < late["grpo"] and not noisy), text))
     else:
         out.append(("router shift over the last third: PR-GRPO < RSPO < GRPO", "not measured",
                     f"curves for {', '.join(rs) or 'none'} of grpo, rspo, prgrpo"))
@@ -685,14 +711,16 @@ def markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, md_pa
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     node_seconds, wall, untimed, _ = times
     L = ["# Ablation study", "",
-         f"Generated by `ablate.py` at commit `{summary['commit']}`, preset `{summary['preset']}`, seeds {seeds}. "
+         f"Generated by `ablate.py` from checkpoints of commit `{summary['commit']}` (the newest, where they span several), preset `{summary['preset']}`, seeds {seeds}. "
          "Greedy pass@1 on the suite's test split, in percent; ± is the 95% confidence half-width of the mean "
          "over seeds (Student t).", "",
          "## Commands", "", "```bash", cmd_line, "```", "",
          f"which runs, for each seed S (shown for S = {seeds[0]}; each also gets `--log <out>/seed<S>/<node>.jsonl --resume`):", "",
          "```bash", *node_cmds, "```", "",
          f"Wall time: {wall / 60:.1f} min wall clock, {node_seconds / 60:.1f} min summed over nodes"
-         + (f" ({len(untimed)} checkpoints have no timing in ablate.jsonl)" if untimed else "") + ".", ""]
+         + (f" ({len(untimed)} checkpoints have no timing in ablate.jsonl)" if untimed else "")
+         + (" (nodes made at more than one commit, so in more than one run: the wall clock is the union "
+            "of their runs' intervals, not one run's)" if made_at and len(made_at) > 1 else "") + ".", ""]
     if made_at and (len(made_at) > 1 or any(c.endswith("-dirty") for c in made_at)):
         L += ["Checkpoints made at: " + ", ".join(f"`{c}` ({n})" for c, n in made_at.items())
               + " (plan.json pins the flags, not the code).", ""]
@@ -845,8 +873,9 @@ def main():
     if not metrics:
         raise common.UserError(f"no checkpoints under {args.out}/seed*/ for seeds {seeds}; run without --report-only first")
     made_at = node_commits(jsonl, keys)
-    # the sha the numbers come from: the one commit every recorded node ran at, else HEAD's
-    commit = next(iter(made_at)) if len(made_at) == 1 and "unrecorded" not in made_at else git_commit()
+    # the sha the numbers come from: the one commit every recorded node ran at; in a study
+    # redone in parts, the newest node's (RESULTS.md lists them all); HEAD's if none is recorded
+    commit = newest_commit(jsonl, keys) or git_commit()
     summary = build_summary(metrics, seeds, args.preset, commit, variants)
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, "summary.json"), "w") as f:

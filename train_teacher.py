@@ -30,8 +30,9 @@ in different places (validation loss 0.086 vs 0.131) long before the end (README
 The default 2,400 steps are short of convergence, for the sake of the 60-minute study: the
 validation loss still falls by a quarter per 400 steps at the end, and 4,800 steps take seeds
 1 and 2 from 42.8 / 42.6 to 81.2 / 72.4 on the first 500 validation problems. The whole study
-with 4,800-step teachers (README, results/t4800) lifts every variant by 27-31 points and
-changes none of its conclusions, at 70 instead of 58 minutes. `--steps 4800` where time allows.
+with 4,800-step teachers (README, results/t4800) lifts every variant by 27-31 points (but
+no_stage1, by 2) and changes none of its conclusions, at 70 instead of 58 minutes. `--steps
+4800` where time allows.
 
 The teacher has to "leave room above it": the suite's difficulty and the default preset are
 tuned so that its greedy test accuracy lands between 40% and 80% with every subdomain above

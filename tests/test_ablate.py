@@ -127,10 +127,14 @@ def test_mean_ci95_by_hand():
     assert m == 2.0 and h == pytest.approx(4.303 * 1.0 / math.sqrt(3))
     m, h = mean_ci95([0.5])
     assert m == 0.5 and h == 0.0
-    # 12 values: 11 degrees of freedom is past the table, 1.96
+    # 12 values: 11 degrees of freedom falls between the table's 10 and 12, so 10's (wider)
+    # t; the normal 1.96 only past 30
     xs = [0.0, 1.0] * 6
     sd = math.sqrt(sum((x - 0.5) ** 2 for x in xs) / 11)
-    assert mean_ci95(xs)[1] == pytest.approx(1.96 * sd / math.sqrt(12))
+    assert mean_ci95(xs)[1] == pytest.approx(2.228 * sd / math.sqrt(12))
+    xs = [0.0, 1.0] * 20
+    sd = math.sqrt(sum((x - 0.5) ** 2 for x in xs) / 39)
+    assert mean_ci95(xs)[1] == pytest.approx(1.96 * sd / math.sqrt(40))
     assert mean_ci95([2.0, 4.0])[1] == pytest.approx(12.706 * math.sqrt(2) / math.sqrt(2))
 
 
@@ -168,11 +172,15 @@ def test_node_commits_count_the_last_successful_record(tmp_path):
     assert ablate.node_commits(str(p), keys) == {"unrecorded": 1, "aaa": 1, "bbb-dirty": 1}
     assert ablate.node_commits(str(p), keys[1:2]) == {"aaa": 1}
     assert ablate.node_commits(str(tmp_path / "none.jsonl"), keys) == {}
+    assert ablate.newest_commit(str(p), keys) == "bbb-dirty"  # the failed run of time 5 made nothing
+    assert ablate.newest_commit(str(p), keys[:1]) is None
     ms = fake_metrics([0], lambda n, s: 0.3)
     summ = build_summary(ms, [0], "tiny", "aaa")
     args = (summ, ms, claims(summ), "python ablate.py", [], (60.0, 30.0, [], {}), {}, str(tmp_path / "R.md"))
     assert "Checkpoints made at: `aaa` (1), `bbb-dirty` (1)" in ablate.markdown(*args, made_at={"aaa": 1, "bbb-dirty": 1})
     assert "Checkpoints made at" not in ablate.markdown(*args, made_at={"aaa": 3})
+    assert "union of their runs' intervals" in ablate.markdown(*args, made_at={"aaa": 1, "bbb-dirty": 1})
+    assert "union" not in ablate.markdown(*args, made_at={"aaa": 3})
 
 
 def fake_metrics(seeds, acc):
@@ -333,13 +341,20 @@ def test_paired_router_shift_is_read_seed_by_seed_from_the_nodes():
     shifts = seed_shifts(ms, [0, 1, 2])
     assert shifts == {"grpo": [4.0, 4.0, 5.0], "rspo": [3.8, 4.2, 4.5], "prgrpo": [1.5, 1.5, 1.0]}
     text = paired_shift_text(shifts)
-    assert "rspo vs grpo -5%, +5%, -10% (2 of 3 below)" in text
-    assert "prgrpo vs rspo" in text and "(3 of 3 below)" in text
+    assert "rspo vs grpo -5%, +5%, -10% (2 of 3 below; mean -3% ± 19%)" in text
+    assert "prgrpo vs rspo" in text and "(3 of 3 below;" in text
     del ms["s3_rspo", 2]  # an unfinished node leaves its algorithm out rather than pairing fewer seeds
     assert "rspo" not in seed_shifts(ms, [0, 1, 2]) and paired_shift_text(seed_shifts(ms, [0, 1, 2])) == ""
     summ = build_summary(fake_metrics([0, 1, 2], lambda n, s: 0.3), [0, 1, 2], "tiny", "abc")
     rs = "router shift over the last third: PR-GRPO < RSPO < GRPO"
     assert "2 of 3 below" in {t: x for t, _, x in claims(summ, shifts=shifts)}[rs]
+    # the means are in order (the fake curves), but RSPO against GRPO is -5%, +5%, -10%: noise
+    assert {t: v for t, v, _ in claims(summ)}[rs] == "holds"
+    verdict, text = {t: (v, x) for t, v, x in claims(summ, shifts=shifts)}[rs]
+    assert verdict == "does not hold" and "within the seeds' noise: rspo vs grpo" in text
+    assert "prgrpo vs rspo" not in text.split("noise:")[1]
+    clear = dict(shifts, rspo=[3.6, 3.5, 4.5])  # -10%, -12.5%, -10%: below on every seed, tightly
+    assert {t: v for t, v, _ in claims(summ, shifts=clear)}[rs] == "holds"
 
 
 # ----------------------------------------------------------------------------- sweeps: --extra, --reuse

@@ -585,3 +585,26 @@ def test_paired_interval_pairs_each_problem_with_itself():
     assert em.paired_interval(["10", "01"], ["01", "10"]) == (0.0, 0.0)
     with pytest.raises(em.common.UserError, match="different lengths"):
         em.paired_interval(["101"], ["10"])
+
+
+def test_paired_interval_is_exact_where_an_end_is_zero():
+    """Means of thirds summed in floats land an end that is exactly 0 at -5e-17, which reads as
+    a gap below 0: against a slow reference in exact fractions, problem by problem."""
+    import random
+    from fractions import Fraction
+    import numpy as np
+    rng = random.Random(3)
+    # b is right where a is on most problems, and on a few more: the upper end sits at 0
+    a = ["".join(rng.choice("01") for _ in range(90)) for _ in range(3)]
+    b = [x[:80] + "".join("1" if rng.random() < 0.6 else c for c in x[80:]) for x in a]
+    b[1] = b[1][:5] + ("1" if b[1][5] == "0" else "0") + b[1][6:]  # one problem where the seeds split
+    per = [Fraction(sum(int(x[i]) for x in a) - sum(int(x[i]) for x in b), 3) for i in range(90)]
+    idx = np.random.default_rng(0).integers(0, 90, (4000, 90))
+    exact = np.array([float(sum((per[i] for i in row), Fraction(0)) / 90) for row in idx])
+    want = tuple(100 * float(v) for v in np.percentile(exact, [2.5, 97.5]))
+    assert em.paired_interval(a, b) == want
+    assert want[1] == 0.0
+    assert em.paired_interval(a, b[:2] + b[2:]) == em.paired_interval(a, b)
+    # and seeds of unequal count (a teacher per seed against one model) still pair exactly
+    lo, hi = em.paired_interval(a, b[:1])
+    assert lo < hi
