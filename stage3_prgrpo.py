@@ -476,14 +476,17 @@ def rollout(student, enc, batch, args, gen, device, record_old=True):
     return ro
 
 
-def train(args, advantages=None, after_rollout=None, before_loop=None):
+def train(args, advantages=None, after_rollout=None, before_loop=None, continue_stream=False):
     """The RL loop shared by Stages III and IV.
 
     advantages(student, ro) -> [B] replaces group_advantages(ro["rewards"]) (Stage IV's balance
     reward enters there; it may set ro["balance"], a per-sample term whose mean is logged);
     after_rollout(student, ro) runs once per rollout batch (Stage IV's router-bias update);
     before_loop(student, enc, sample, device, log) runs once before the first step of a fresh run
-    (Stage IV's bias calibration), where sample(rng) draws a training problem.
+    (Stage IV's bias calibration), where sample(rng) draws a training problem;
+    continue_stream: from a Stage III checkpoint, step s draws the prompts and samples of
+    Stage III's step (its steps + s), as one pipeline running on would (Stage IV); otherwise
+    Stage IV's steps would replay the prompts of Stage III's first steps.
     """
     device, log = common.setup(args, PRESETS, args.stage)
     if args.mu < 1 or args.minibatches < 1:
@@ -493,6 +496,8 @@ def train(args, advantages=None, after_rollout=None, before_loop=None):
         raise common.UserError(f"--minibatches {args.minibatches} is more than the "
                                f"{args.prompts // common.world() * args.group} samples a rank rolls out per step")
     sckpt = common.load_checkpoint(args.inp, kind="moe")
+    after = sckpt["args"]["steps"] if continue_stream and sckpt["stage"] == "stage3" else 0
+    stream = args.seed * 1_000_003 + after  # step s draws from stream + s (docstring: continue_stream)
     if "clusters" not in sckpt:
         raise common.UserError(f"{args.inp} has no Stage I clusters (stage {sckpt['stage']})")
     tckpt = common.load_checkpoint(common.teacher_path_for(args.teacher, args.inp), kind="dense")
@@ -524,13 +529,13 @@ def train(args, advantages=None, after_rollout=None, before_loop=None):
     pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.stage} {args.algo}",
                 disable=not common.is_main())
     for step in pbar:
-        rng = random.Random(args.seed * 1_000_003 + step)
+        rng = random.Random(stream + step)
         for group in opt.param_groups:
             group["lr"] = common.lr_at(step, args.steps, args.lr, final=args.lr_final)
         # under torchrun each rank rolls out its share of the prompts; a prompt's G samples stay
         # on one rank, so the group statistics of the advantage are exact without a gather
         batch = common.shard([sample(rng) for _ in range(args.prompts)])
-        gen.manual_seed(args.seed * 1_000_003 + step + 7919 * common.rank())  # ranks sample apart
+        gen.manual_seed(stream + step + 7919 * common.rank())  # ranks sample apart
         ro = rollout(student, enc, batch, args, gen, device, record_old)
         gold = None
         if args.algo == "prgrpo" and args.w_gold > 0:
@@ -539,7 +544,7 @@ def train(args, advantages=None, after_rollout=None, before_loop=None):
         adv = (group_advantages(rewards, args.group) if advantages is None else advantages(student, ro)).to(device)
         tok_adv = adv[ro["sample_of_token"]]
         plans = []  # (buckets, token counts, global weight) of each minibatch, fixed across the mu passes
-        for mb in minibatch_rows(len(rewards), args.minibatches, seed=args.seed * 1_000_003 + step):
+        for mb in minibatch_rows(len(rewards), args.minibatches, seed=stream + step):
             lengths = ro["valid"][mb.to(device)].sum(1).tolist()
             buckets = [bucket(ro, tok_adv, mb[rows].to(device), T) for rows, T in length_buckets(lengths, args.micro_tokens)]
             for b in buckets:
