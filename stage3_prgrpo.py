@@ -350,13 +350,13 @@ def bucket(ro, tok_adv, rows, T):
     return b
 
 
-def policy_loss(student, b, args, counts, tok_weight=1.0):
+def policy_loss(student, b, args, counts):
     """Bucket b's share of the step's loss (the docstring's L for `--algo`): every token term is
     a sum over b's tokens divided by the whole batch's count (counts: tokens, good = tokens of
-    A > 0 samples, valid = non-pad tokens), so the buckets' losses add up to the batch's.
-    Under torchrun each count is this rank's, and its common.global_weight (tok_weight, and
-    counts' good_weight / valid_weight, 1 on one process) turns the rank's mean into its share
-    of the global batch's mean once gradients are averaged over ranks.
+    A > 0 samples, valid = non-pad tokens, samples), so the buckets' losses add up to the batch's.
+    Under torchrun each count is this rank's, and counts["weight"][k], its common.global_weight
+    (absent: 1, one process), turns the rank's mean into its share of the global batch's mean
+    once gradients are averaged over ranks.
     Returns (loss, diagnostics: gamma per token or None, and the clipped_tokens mask)."""
     with common.autocast(b["idx"].device):
         logits, _ = student(b["idx"])
@@ -369,13 +369,17 @@ def policy_loss(student, b, args, counts, tok_weight=1.0):
         # rollout needs no forward of its own
         b.update(logp_old=logp.detach(), logg_old=[lg.detach() for lg in logg],
                  topk_old=[f.topk_idx[mflat] for f in student.ffns])
-    n, L = counts["tokens"] / tok_weight, len(logg)  # the token terms below are means over the global batch
+
+    def count(k):  # the global batch's count of k over the world size: this rank's divisor
+        return counts[k] / counts.get("weight", {}).get(k, 1.0)
+
+    n, L = count("tokens"), len(logg)
     gamma = None
     if args.algo in ("rspo", "prgrpo"):
         gamma = router_shift_weight(logg, b["logg_old"], b["topk_old"], args.gamma_min)
     if args.agg == "geo":
         loss = geo_mean_surrogate(logp, b["logp_old"], b["adv"], b["seq"], args.geo_clip, gamma).sum() \
-            / counts["samples"] * counts["seq_weight"]
+            / count("samples")
     else:
         loss = clipped_surrogate(logp, b["logp_old"], b["adv"], args.clip, gamma).sum() / n
     if "ref_logp" in b:
@@ -387,8 +391,7 @@ def policy_loss(student, b, args, counts, tok_weight=1.0):
             loss = loss + args.w_anchor * anchor
         good = b["adv"] > 0
         if args.w_align > 0 and good.any():
-            n_good = counts["good"] / counts.get("good_weight", 1.0)
-            align = sum(path_kl(p[good], lg[good].exp()).sum() for p, lg in zip(b["p_t"], logg)) / (L * n_good)
+            align = sum(path_kl(p[good], lg[good].exp()).sum() for p, lg in zip(b["p_t"], logg)) / (L * count("good"))
             loss = loss + args.w_align * align
         if args.w_distill > 0:
             loss = loss + args.w_distill * token_kl_loss(b["t_logits"], logits[b["mask"]], beta=0.0).sum() / n
@@ -398,7 +401,7 @@ def policy_loss(student, b, args, counts, tok_weight=1.0):
         vflat = b["valid"].flatten()
         aux = sum(f.router_probs.size(-1) * (share * f.router_probs[vflat].sum(0)).sum()
                   for share, f in zip(counts["share"], student.ffns))
-        loss = loss + args.w_aux * aux / (counts["valid"] / counts.get("valid_weight", 1.0))
+        loss = loss + args.w_aux * aux / count("valid")
     geo = args.agg == "geo"
     clipped = clipped_tokens(logp, b["logp_old"], b["adv"], args.geo_clip if geo else args.clip, gamma, geo)
     return loss, dict(gamma=gamma, clipped=clipped)
@@ -543,7 +546,7 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
         rewards = ro["rewards"]
         adv = (group_advantages(rewards, args.group) if advantages is None else advantages(student, ro)).to(device)
         tok_adv = adv[ro["sample_of_token"]]
-        plans = []  # (buckets, token counts, global weight) of each minibatch, fixed across the mu passes
+        plans = []  # (buckets, counts) of each minibatch, fixed across the mu passes
         for mb in minibatch_rows(len(rewards), args.minibatches, seed=stream + step):
             lengths = ro["valid"][mb.to(device)].sum(1).tolist()
             buckets = [bucket(ro, tok_adv, mb[rows].to(device), T) for rows, T in length_buckets(lengths, args.micro_tokens)]
@@ -558,23 +561,21 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
             adv_mb = torch.cat([b["adv"] for b in buckets])
             counts = dict(tokens=len(adv_mb), good=int((adv_mb > 0).sum()),
                           valid=int(sum(b["valid"].sum() for b in buckets)), samples=len(mb))
-            if common.world() > 1:
-                counts.update(good_weight=common.global_weight(counts["good"], device),
-                              valid_weight=common.global_weight(counts["valid"], device))
-            if args.agg == "geo":  # a mean over the global minibatch's sequences, not its tokens
-                counts["seq_weight"] = common.global_weight(len(mb), device)
-            plans.append((buckets, counts, common.global_weight(counts["tokens"], device)))  # token mean over the global minibatch
+            if common.world() > 1:  # every term is a mean over the global minibatch
+                counts["weight"] = {k: common.global_weight(counts[k], device)
+                                    for k in ("tokens", "good", "valid", "samples")}
+            plans.append((buckets, counts))
         if after_rollout is not None:
             after_rollout(student, ro)
         stats = {}
         for _ in range(args.mu):
-            for buckets, counts, tok_weight in plans:
+            for buckets, counts in plans:
                 if args.w_aux > 0:
                     counts["share"] = expert_share(student, buckets)
                 opt.zero_grad(set_to_none=True)
                 loss, diags = 0.0, []
                 for b in buckets:  # gradient accumulation: each bucket's loss is its share of the minibatch's
-                    part, diag = policy_loss(student, b, args, counts, tok_weight)
+                    part, diag = policy_loss(student, b, args, counts)
                     part.backward()
                     loss += part.detach()  # no .item() per bucket: on CUDA that is a sync each time
                     diags.append(diag)

@@ -334,7 +334,7 @@ def test_bucketed_policy_loss_has_the_full_batch_gradient(algo, agg):
                  ref_logp=-torch.rand(n))
     args = argparse.Namespace(algo=algo, agg=agg, gamma_min=0.5, clip=0.2, geo_clip=0.4, w_ref=0.1, w_anchor=0.5,
                               w_align=0.3, w_distill=0.2, w_aux=0.4, temperature=1.0)
-    counts = dict(tokens=n, good=int((tok_adv > 0).sum()), valid=int(valid.sum()), samples=valid.size(0), seq_weight=1.0)
+    counts = dict(tokens=n, good=int((tok_adv > 0).sum()), valid=int(valid.sum()), samples=valid.size(0))
 
     def grads(max_tokens):
         buckets = []
@@ -370,8 +370,7 @@ def test_first_pass_stands_in_for_the_rollout_forward(algo, agg):
     tok_adv = torch.randn(ro["valid"].size(0), generator=torch.Generator().manual_seed(1))[ro["sample_of_token"]]
     args = argparse.Namespace(algo=algo, agg=agg, gamma_min=0.5, clip=0.2, geo_clip=0.4, w_ref=0.0, w_anchor=0.0,
                               w_align=0.0, w_distill=0.0, w_aux=0.0, temperature=1.0)
-    counts = dict(tokens=n, good=int((tok_adv > 0).sum()), valid=int(ro["valid"].sum()), samples=ro["valid"].size(0),
-                  seq_weight=1.0)
+    counts = dict(tokens=n, good=int((tok_adv > 0).sum()), valid=int(ro["valid"].sum()), samples=ro["valid"].size(0))
     bare = {k: v for k, v in ro.items() if k not in ("logp_old", "logg_old", "topk_old")}
 
     def run(r, **kw):
@@ -421,23 +420,23 @@ def test_ranks_weighted_shares_average_to_the_global_batch_loss(algo, agg):
         return dict(tokens=len(adv), good=int((adv > 0).sum()), valid=int(sum(b["valid"].sum() for b in buckets)),
                     samples=len(torch.cat([b["seq"] for b in buckets]).unique()))
 
-    def loss_and_grad(buckets, counts, tok_weight):
+    def loss_and_grad(buckets, counts):
         model.zero_grad()
-        loss = sum(policy_loss(model, b, args, counts, tok_weight)[0] for b in buckets)
+        loss = sum(policy_loss(model, b, args, counts)[0] for b in buckets)
         loss.backward()
         return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     everything = buckets_of(torch.arange(valid.size(0)))
     share = expert_share(model, everything)  # what expert_share's all-reduce gives every rank
     full = count(everything)
-    loss_full, g_full = loss_and_grad(everything, dict(full, share=share, seq_weight=1.0), 1.0)
+    loss_full, g_full = loss_and_grad(everything, dict(full, share=share))
     losses, grads = [], []
     for rows in (torch.tensor([0, 2, 4]), torch.tensor([1, 5, 3])):
         buckets = buckets_of(rows)
         c = count(buckets)
         w = {k: c[k] * 2 / full[k] for k in c}  # common.global_weight with 2 ranks
-        c.update(share=share, seq_weight=w["samples"], good_weight=w["good"], valid_weight=w["valid"])
-        loss, g = loss_and_grad(buckets, c, w["tokens"])
+        c.update(share=share, weight=w)
+        loss, g = loss_and_grad(buckets, c)
         losses.append(loss)
         grads.append(g)
     assert sum(losses) / 2 == pytest.approx(loss_full, rel=1e-5)
