@@ -373,11 +373,11 @@ def policy_loss(student, b, args, counts):
     def count(k):  # the global batch's count of k over the world size: this rank's divisor
         return counts[k] / counts.get("weight", {}).get(k, 1.0)
 
-    n, L = count("tokens"), len(logg)
+    n, L, geo = count("tokens"), len(logg), args.agg == "geo"
     gamma = None
     if args.algo in ("rspo", "prgrpo"):
         gamma = router_shift_weight(logg, b["logg_old"], b["topk_old"], args.gamma_min)
-    if args.agg == "geo":
+    if geo:
         loss = geo_mean_surrogate(logp, b["logp_old"], b["adv"], b["seq"], args.geo_clip, gamma).sum() \
             / count("samples")
     else:
@@ -402,7 +402,6 @@ def policy_loss(student, b, args, counts):
         aux = sum(f.router_probs.size(-1) * (share * f.router_probs[vflat].sum(0)).sum()
                   for share, f in zip(counts["share"], student.ffns))
         loss = loss + args.w_aux * aux / count("valid")
-    geo = args.agg == "geo"
     clipped = clipped_tokens(logp, b["logp_old"], b["adv"], args.geo_clip if geo else args.clip, gamma, geo)
     return loss, dict(gamma=gamma, clipped=clipped)
 

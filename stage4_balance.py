@@ -132,8 +132,8 @@ Stage III's first 8 steps, gold cross-entropy included. From the e3346d2 study's
 (48.1), MaxVio 0.09 / 0.06 / 0.07, against the replayed ones' 50.8 / 40.6 / 51.6 (47.7), MaxVio
 0.13 / 0.08 / 0.11. With the continued streams, 16 RL steps instead of 8 gave 51.4 / 41.2 /
 51.6 (48.1, the same) and lr 2e-5 instead of 1e-5 51.4 on seed 0 (51.6): the defaults stay.
-The calibration is ours (DeepSeek-V3 has no need: its batches hold
-millions of tokens, so the bias settles early in a long run). Every other flag is Stage III's
+The calibration is ours (DeepSeek-V3 has no need: its batches hold millions of tokens, so the
+bias settles early in a long run). Every other flag is Stage III's
 (`--algo`, `--mu`, `--w-*`).
 
     python stage4_balance.py --in out/default/stage3.pt --out out/default/stage4.pt --balance reward_bias
