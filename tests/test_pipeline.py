@@ -180,6 +180,32 @@ def test_router_shift_and_lr_logged_for_every_algo(smoke, tmp_path, algo, extra)
     assert lrs == [common.lr_at(s, 2, 3e-5, final=0.1) for s in range(2)] and lrs[1] < lrs[0]
 
 
+@pytest.mark.parametrize("algo,extra", [("grpo", []), ("prgrpo", ["--w-gold", "0"])])
+def test_policy_gradient_raises_the_reward_it_is_given(smoke, tmp_path, algo, extra):
+    """The RL loop learns what its reward asks. The tiny student never answers right, so the
+    reward here is a length one, -(completion tokens), group-normalised like GRPO's and passed
+    in through the advantages hook Stage IV uses; everything after the reward is the real loop
+    (rollout, buckets, clipped surrogate, mu passes, AdamW). 8 steps at a large lr must shorten
+    the samples; a flipped sign lengthens them to the cap, and an advantage paired with
+    another sample's tokens would leave them where they were. (prgrpo without the gold term,
+    which pulls toward the gold solutions' length whatever the reward says.)"""
+    import stage3_prgrpo as s3
+    d, _ = smoke
+    lengths = []
+
+    def advantages(student, ro):
+        n = (ro["targets"] >= 0).sum(1).float()
+        lengths.append(float(n.mean()))
+        return s3.group_advantages(-n, args.group)
+
+    args = s3.parser.parse_args(["--preset", "tiny", "--algo", algo, "--steps", "8", "--lr", "3e-3", "--lr-final", "1",
+                                 "--max-new", "32", "--n-test", "2", "--in", str(d / "stage2.pt"), "--device", "cpu",
+                                 "--out", str(tmp_path / "s3.pt"), "--log", str(tmp_path / "s3.jsonl"), *extra])
+    s3.train(args, advantages=advantages)
+    assert len(lengths) == 8
+    assert sum(lengths[-3:]) / 3 < 0.5 * lengths[0], lengths
+
+
 def test_stage3_gold_term_lowers_the_gold_cross_entropy(smoke, tmp_path):
     """PR-GRPO's kept Stage II cross-entropy (--w-gold) must pull the student toward the gold
     solutions: the same 3 steps, with and without it, from the same Stage II student."""

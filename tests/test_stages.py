@@ -14,7 +14,7 @@ from stage1_cluster import (balanced_assign, balanced_kmeans, build_student, dec
                             neuron_profiles, teacher_path)
 from stage2_distill import adaptive_lambda, gold_ce, path_kl, switch_aux_loss, token_kl_loss
 from stage3_prgrpo import (bucket, clipped_surrogate, clipped_tokens, expert_share, geo_mean_surrogate,
-                           group_advantages, length_buckets, minibatch_rows, policy_loss, router_shift,
+                           group_advantages, length_buckets, minibatch_rows, policy_loss, pool_prompts, router_shift,
                            router_shift_weight, token_logprobs, update_stats)
 from stage4_balance import balance_advantages, balance_reward, calibrate_bias, sample_load
 from eval_math import max_vio
@@ -283,6 +283,14 @@ def test_minibatch_rows_split_every_row_once():
     assert [c.tolist() for c in minibatch_rows(10, 3, seed=5)] == [c.tolist() for c in parts]  # seeded
     assert torch.cat(minibatch_rows(10, 3, seed=6)).tolist() != torch.cat(parts).tolist()
     assert len(minibatch_rows(2, 4)) == 2  # never an empty minibatch
+
+
+def test_pool_prompts_cycle_the_pool_evenly():
+    pool = list("abcde")
+    seen = [p for step in range(10) for p in pool_prompts(pool, step, 4)]  # 40 draws: 8 epochs of 5
+    assert seen[:7] == list("abcdeab")
+    assert all(seen.count(c) == 8 for c in pool)
+    assert pool_prompts(pool, 3, 4) == seen[12:16]  # a step's prompts depend on its index only (resume)
 
 
 def test_bucket_lines_up_its_tokens_with_the_rollout_whatever_the_row_order():
