@@ -186,9 +186,9 @@ def test_policy_gradient_raises_the_reward_it_is_given(smoke, tmp_path, algo, ex
     reward here is a length one, -(completion tokens), group-normalised like GRPO's and passed
     in through the advantages hook Stage IV uses; everything after the reward is the real loop
     (rollout, buckets, clipped surrogate, mu passes, AdamW). 8 steps at a large lr must shorten
-    the samples; a flipped sign lengthens them to the cap, and an advantage paired with
-    another sample's tokens would leave them where they were. (prgrpo without the gold term,
-    which pulls toward the gold solutions' length whatever the reward says.)"""
+    the samples (with the sign flipped, checked by hand, they grow to the 32-token cap instead).
+    prgrpo runs without the gold term, which pulls toward the gold solutions' length whatever
+    the reward says."""
     import stage3_prgrpo as s3
     d, _ = smoke
     lengths = []
