@@ -566,7 +566,7 @@ def subdomain_sampler(records):
     prompts through this, so Stage IV balances the expert load of the subdomain mix that the
     evaluation has (drawn uniformly, the bias balanced the training mix: MaxVio 0.14 there,
     0.25 on test). The teacher keeps the uniform draw over the training split: drawn
-    subdomain-first it fell from 45.3% to 32.4% (README).
+    subdomain-first it fell from 45.3% to 32.4% (docs/journal.md).
     """
     groups = [g for g in ([r for r in records if r["subdomain"] == s] for s in SUBDOMAINS) if g]
     return lambda rng: rng.choice(rng.choice(groups))

@@ -30,8 +30,7 @@ entry. Biases are off everywhere and the embedding is tied to the output head, a
 Deviation from nanoGPT: positions enter through rotary embeddings on q and k (RoPE, as in
 nanochat), not a learned position table. Our problems are solved by copying numbers out of the
 question; with RoPE attention can find "the number after '='" by relative offset, and the same
-4-layer teacher trained for the same 2400 steps went from 29.6% to 44.0% test accuracy (README,
-"The teacher").
+teacher at the same budget scored far higher with it (docs/journal.md).
 """
 
 import math
@@ -53,13 +52,13 @@ class GPTConfig:
     n_embd: int = 128
     n_expert: int = 1      # 1: dense teacher; > 1: MoE student
     top_k: int = 1
-    expert_hidden: int = 0  # 0 means 4 * n_embd // top_k: equal active FFN FLOPs
 
     @property
     def ffn_hidden(self):
+        """H = 4d for the dense MLP; h = H / k per expert, so k experts cost the teacher's FFN."""
         if self.n_expert == 1:
             return 4 * self.n_embd
-        return self.expert_hidden or 4 * self.n_embd // self.top_k
+        return 4 * self.n_embd // self.top_k
 
     def to_dict(self):
         return asdict(self)

@@ -4,20 +4,20 @@ Stage I: teacher neuron clustering, decompression into experts, router init, exp
 The dense teacher T has no router, but its FFN neurons define one. Per layer, with post-GELU
 activations a(x) in R^H (H = 4d) and the H neurons grouped into E clusters C_1..C_E,
 
-    p_T(e | x) = sum_{i in C_e} |a_i(x)| / sum_i |a_i(x)|               the teacher's path
+    p_T(e | x) = sum_{i in C_e} |a_i(x)| / sum_i |a_i(x)|               losses.teacher_path
 
 1. Record T's FFN inputs x, activations a and outputs y on training text (prompt + gold
    solution, ~25k tokens on the default preset).
 2. Cluster each layer's neurons into E *balanced* clusters (|C_e| = H/E) by balanced k-means
    on their activation profiles: |a_i| over the recorded tokens, centred and L2-normalised, so
-   neurons that fire on the same tokens land together (cosine = co-activation correlation).
+   neurons that fire on the same tokens land together (clustering.balanced_kmeans).
 3. Decompress: expert e = C_e plus the h - |C_e| other neurons that matter most on e's tokens,
-       score_e(i) = E_x[ p_T(e|x) |a_i(x)| ] * ||W_proj[:, i]||
+       score_e(i) = E_x[ p_T(e|x) |a_i(x)| ] * ||W_proj[:, i]||       clustering.expert_neurons
    (how much neuron i writes into the output where the path goes through e). h = H/k, so
    experts overlap; rows of W_fc and columns of W_proj are copied. On a token routed to e,
    expert e alone computes most of T's FFN, and the renormalised mix of k of them ~ T's FFN.
 4. Router: W_r[e] = centroid of the (centred) FFN inputs whose path peaks at e, then a few
-   hundred Adam steps of cross-entropy against p_T (a linear softmax regression).
+   hundred Adam steps of cross-entropy against p_T (clustering.fit_router).
 5. Warmup, all parameters, for `--steps` steps of
        L = L_LM  +  w_recon * sum_l ||MoE_l(x_l^T) - y_l^T||^2 / ||y_l^T||^2
                  +  w_router * sum_l CE(p_T,l, g_S,l(x_l^T))
@@ -32,19 +32,22 @@ Baselines (--init): `random_subsets` gives each expert h neurons drawn at random
 without clustering) and a random router; `random` gives fresh random experts and router. Both
 get the same warmup (the clusters still define p_T), so the comparison isolates the init.
 
+Defaults (the runs: docs/journal.md):
+- E = 8, k = 2 (gpu: E = 16): expert hidden 4d/k keeps the active FFN FLOPs of the teacher.
+- 40 warmup steps of 32 examples at lr 1e-3: a short warmup, where the cluster init is ahead
+  of random subsets on validation loss; after 120 steps the two were level.
+- --w-recon 1, --w-router 0.1: set once, not swept.
+
 Reports: validation LM loss and test accuracy of student vs teacher, expert diversity (mean
 pairwise cosine of expert outputs on the same inputs), routing entropy, MaxVio, and a
 subdomain x expert heatmap for T's clusters (mean p_T) and the student (routed share).
 
-Deviations from the paper: profiles are taken on the suite's training text, not a pretraining
-corpus; clusters are balanced exactly (the paper does not say); the warmup is short (40 steps
-of 32 examples on the default preset). That is where the init shows: after 40 steps the
-cluster init is ahead of random subsets on validation loss (0.1188 vs 0.1252, README "Stage
-I"), but the gap closes with more warmup (level after 120 steps on an earlier teacher),
-because our experts are wide (h = H/2) and the warmup, which sees T's FFN outputs directly,
-repairs a random half-FFN quickly. p_T comes out close to uniform on our teacher (router CE
-~1.8 nats per layer against log 8 = 2.08), so the path carries little information at this
-scale.
+Deviations from the paper:
+1. Profiles are taken on the suite's training text, not a pretraining corpus.
+2. Clusters are balanced exactly (the paper does not say).
+3. The warmup is short. At this scale p_T comes out close to uniform (router CE ~1.8 nats per
+   layer against log 8 = 2.08), so the path carries little information, and with wide experts
+   (h = H/2) a longer warmup repairs even a random half-FFN.
 
     python stage1_cluster.py --in out/default/teacher.pt --out out/default/stage1.pt
     python stage1_cluster.py --init random_subsets --out out/abl/stage1_rs.pt   # baseline
@@ -60,13 +63,14 @@ import random
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
 import data
 import eval_math
-from model import GPT, GPTConfig, count_params
+from clustering import balanced_kmeans, build_student, expert_diversity, neuron_profiles
+from losses import teacher_path, teacher_paths
+from model import count_params
 
 PRESETS = {
     "tiny": dict(n_expert=8, top_k=2, n_record=96, steps=20, batch_size=16, router_steps=50, n_test=42, n_val=100),
@@ -89,113 +93,6 @@ parser.add_argument("--w-recon", type=float, default=1.0, help="weight of FFN re
 parser.add_argument("--w-router", type=float, default=0.1, help="weight of router CE against p_T")
 common.add_run_args(parser)
 
-
-# ----------------------------------------------------------------------------- pure pieces
-
-def teacher_path(act, assign, n_expert):
-    """p_T(e|x) = sum_{i in C_e} |a_i| / sum_i |a_i|.  act [..., H], assign [H] -> [..., E]."""
-    mass = act.abs() @ F.one_hot(assign, n_expert).to(act.dtype)
-    return mass / mass.sum(dim=-1, keepdim=True).clamp(min=1e-12)
-
-
-def neuron_profiles(act):
-    """act [N, H] -> [H, N]: each neuron's |activation| over tokens, centred, unit norm."""
-    prof = act.abs().T.double()
-    prof = prof - prof.mean(dim=1, keepdim=True)
-    return prof / prof.norm(dim=1, keepdim=True).clamp(min=1e-12)
-
-
-def balanced_assign(sim, capacity):
-    """Give each row the best column that still has room: greedy over (row, col) pairs by
-    decreasing similarity. sim [H, E] -> assign [H]; every column gets exactly `capacity`."""
-    H, E = sim.shape
-    assign, room, left = [-1] * H, [capacity] * E, H
-    # plain lists, not tensor indexing: at the gpu preset (2048 neurons x 16 experts x 25
-    # k-means iterations x 8 layers) element-wise tensor indexing here cost tens of seconds
-    for flat in torch.argsort(sim.flatten(), descending=True).tolist():
-        i, e = divmod(flat, E)
-        if assign[i] < 0 and room[e] > 0:
-            assign[i], room[e], left = e, room[e] - 1, left - 1
-            if not left:
-                break
-    return torch.tensor(assign, dtype=torch.long)
-
-
-def balanced_kmeans(feats, n_clusters, iters=25, seed=0):
-    """Spherical k-means whose assignment step is balanced: feats [H, D] (unit rows) ->
-    assign [H] with exactly H / n_clusters members per cluster."""
-    H = feats.size(0)
-    assert H % n_clusters == 0, f"{H} neurons do not split into {n_clusters} equal clusters"
-    g = torch.Generator().manual_seed(seed)
-    centroids = feats[torch.randperm(H, generator=g)[:n_clusters]]
-    assign = None
-    for _ in range(iters):
-        new = balanced_assign(feats @ centroids.T, H // n_clusters)
-        if assign is not None and torch.equal(new, assign):
-            break
-        assign = new
-        centroids = torch.stack([feats[assign == e].mean(0) for e in range(n_clusters)])
-        centroids = centroids / centroids.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    return assign
-
-
-def expert_neurons(act, assign, n_expert, h, w_proj_norm):
-    """Each expert: its cluster, then the h - |C_e| outside neurons with the largest
-    E_x[p_T(e|x) |a_i(x)|] * ||W_proj[:, i]||. Returns [E, h] neuron indices."""
-    p = teacher_path(act, assign, n_expert)                          # [N, E]
-    score = (p.T @ act.abs()) / p.sum(0)[:, None].clamp(min=1e-12)  # [E, H]
-    score = score * w_proj_norm[None, :]
-    rows = []
-    for e in range(n_expert):
-        members = (assign == e).nonzero().flatten()
-        if len(members) >= h:  # more members than room: keep the strongest
-            rows.append(members[torch.argsort(score[e, members], descending=True)[:h]])
-            continue
-        outside = score[e].clone()
-        outside[members] = -float("inf")
-        extra = torch.topk(outside, h - len(members)).indices
-        rows.append(torch.cat([members, extra]))
-    return torch.stack(rows)
-
-
-def decompress(w_fc, w_proj, neurons):
-    """Copy T's neurons into experts. w_fc [H, d] (nn.Linear layout), w_proj [d, H],
-    neurons [E, h] -> w_in [E, d, h], w_out [E, h, d]."""
-    w_in = w_fc[neurons].transpose(1, 2)        # [E, h, d] -> [E, d, h]
-    w_out = w_proj.T[neurons]                   # [E, h, d]
-    return w_in.contiguous(), w_out.contiguous()
-
-
-def router_from_centroids(x, p):
-    """W_r [E, d]: centroid of the centred inputs whose path peaks at e (0 if none does)."""
-    xc = x - x.mean(0)
-    peak = F.one_hot(p.argmax(-1), p.size(1)).to(x.dtype)   # [N, E]
-    cent = (peak.T @ xc) / peak.sum(0)[:, None].clamp(min=1)
-    return cent / cent.norm(dim=1, keepdim=True).clamp(min=1e-12)
-
-
-def fit_router(w, x, p, steps, lr=1e-2):
-    """Cross-entropy of softmax(x W_r^T) against p_T, by Adam on W_r alone."""
-    w = w.clone().requires_grad_(True)
-    opt = torch.optim.Adam([w], lr=lr)
-    with torch.enable_grad():  # callers copy weights under no_grad
-        for _ in range(steps):
-            loss = -(p * (x @ w.T).log_softmax(-1)).sum(-1).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return w.detach()
-
-
-@torch.no_grad()
-def expert_diversity(moe, x):
-    """Mean pairwise cosine similarity of the E experts' outputs on the same inputs (lower =
-    more diverse)."""
-    outs = torch.stack([F.gelu(x @ moe.w_in[e]) @ moe.w_out[e] for e in range(moe.w_in.size(0))])
-    outs = F.normalize(outs, dim=-1)                     # [E, N, d]
-    sim = torch.einsum("ind,jnd->ijn", outs, outs).mean(-1)
-    E = sim.size(0)
-    return float((sim.sum() - sim.diagonal().sum()) / (E * (E - 1)))
 
 
 # ----------------------------------------------------------------------------- recording
@@ -221,49 +118,6 @@ def record_teacher(teacher, enc, examples, device, batch_size=64):
     teacher.set_record(False)
     cat = lambda z: [torch.cat(t) for t in z]
     return cat(xs), cat(acts), cat(ys), subs
-
-
-def teacher_paths(teacher, idx, clusters):
-    """Run T on idx (no grad) and return its per-layer path p_T [B*T, E] and FFN in/out."""
-    E = int(max(int(c.max()) for c in clusters)) + 1
-    with torch.no_grad():
-        teacher.set_record(True)
-        logits, _ = teacher(idx)
-        teacher.set_record(False)
-        paths = [teacher_path(f.rec_act.reshape(-1, f.rec_act.size(-1)).float(), c.to(idx.device), E)
-                 for f, c in zip(teacher.ffns, clusters)]
-        ios = [(f.rec_in.reshape(-1, f.rec_in.size(-1)), f.rec_out.reshape(-1, f.rec_out.size(-1)))
-               for f in teacher.ffns]
-    return logits, paths, ios
-
-
-def build_student(teacher, n_expert, top_k, init, clusters, acts, xs, router_steps, seed):
-    """The MoE student: T's embeddings and attention, experts and router per `init`."""
-    cfg = dict(teacher.config.to_dict(), n_expert=n_expert, top_k=top_k)
-    torch.manual_seed(seed)
-    student = GPT(GPTConfig(**cfg))
-    own = student.state_dict()
-    own.update({k: v for k, v in teacher.state_dict().items() if ".mlp." not in k})
-    student.load_state_dict(own)
-    H, h = teacher.config.ffn_hidden, student.config.ffn_hidden
-    g = torch.Generator().manual_seed(seed)
-    for l, (tf, sf) in enumerate(zip(teacher.ffns, student.ffns)):
-        w_fc, w_proj = tf.c_fc.weight.detach().cpu(), tf.c_proj.weight.detach().cpu()
-        if init == "random":
-            continue  # GPT's own random init of experts and router
-        if init == "cluster":
-            neurons = expert_neurons(acts[l], clusters[l], n_expert, h, w_proj.norm(dim=0))
-        else:
-            neurons = torch.stack([torch.randperm(H, generator=g)[:h] for _ in range(n_expert)])
-        w_in, w_out = decompress(w_fc, w_proj, neurons)
-        with torch.no_grad():
-            sf.w_in.copy_(w_in)
-            sf.w_out.copy_(w_out)
-            if init == "cluster":
-                p = teacher_path(acts[l], clusters[l], n_expert)
-                w = router_from_centroids(xs[l], p)
-                sf.router.weight.copy_(fit_router(w, xs[l], p, router_steps))
-    return student
 
 
 # ----------------------------------------------------------------------------- heatmap

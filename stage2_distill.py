@@ -5,85 +5,49 @@ Each step takes a batch of training prompts. With probability lambda a row's con
 sampled from S (on-policy, temperature 1, KV cache); otherwise it is the gold solution. On the
 continuation tokens t, with T's and S's next-token distributions p_t and q_t:
 
-    L_tok  = mean_t [ beta_t * KL(q_t || p_t) + (1 - beta_t) * KL(p_t || q_t) ]
-    L_path = sum_l mean_t KL( p_T,l(.|x_t) || g_S,l(.|x_t) )      teacher path vs student router
-    L_bal  = sum_l E * sum_e f_e P_e                              Switch-style load balance
-    L_gold = mean over gold continuation tokens of -log q_t(y_t)  cross-entropy on the data
+    L_tok  = mean_t [ beta_t * KL(q_t || p_t) + (1 - beta_t) * KL(p_t || q_t) ]   losses.token_kl_loss
+    L_path = sum_l mean_t KL( p_T,l(.|x_t) || g_S,l(.|x_t) )                      losses.path_kl
+    L_bal  = sum_l E * sum_e f_e P_e                                              losses.switch_aux_loss
+    L_gold = mean over gold continuation tokens of -log q_t(y_t)                  losses.gold_ce
     L      = L_tok + w_path * L_path + w_bal * L_bal + w_gold * L_gold
 
-where p_T,l is the teacher's path built from the Stage I clusters (stage1_cluster.teacher_path),
-f_e the share of token assignments to expert e and P_e its mean router probability.
+where p_T,l is the teacher's path from the Stage I clusters (losses.teacher_paths), f_e the
+share of token assignments to expert e and P_e its mean router probability.
 
 Adaptive parts *(reading of the paper, DistiLLM/GKD style)*:
 - lambda (on-policy share) starts at 0 and rises as the student improves: every `eval_every`
   steps the held-out KL(T||S) on validation is measured and
-      lambda = lam_max * clip((KL_0 - KL) / (0.5 KL_0), 0, 1),
+      lambda = lam_max * clip((KL_0 - KL) / (0.5 KL_0), 0, 1)                    losses.adaptive_lambda
   i.e. full on-policy share once the held-out KL has halved. Early on the student's own
   samples are poor and teacher scores on them teach little; later they are where it errs.
 - beta_t = T's confidence at token t, max_v p_t(v) (no gradient): where T is sure, the
   mode-seeking reverse KL pulls S onto T's answer; where T is unsure, forward KL keeps S
   covering T's spread instead of collapsing onto one guess.
 
-Schedule: AdamW at lr 5e-4 with a cosine decay to 10% of it by the last step (`--lr-final 0.1`;
-1 = the constant lr this stage had before). Chosen on the first 500 validation problems, from
-the ablation study's Stage I checkpoints of seeds 1 and 2 (teachers at 42.2 / 42.2):
+Load balance while the experts still learn (`--bias-rate`, *our addition*): the selection-only
+router bias of Stage IV, b_e <- b_e + u * sign(mean load - load_e), takes one step per batch
+from the batch's load over its valid tokens (summed over ranks). The experts then learn under
+the routing they will be balanced at, and the bias rides in the checkpoint (a model buffer)
+through Stage III into Stage IV.
 
-    | Stage II lr                  | held-out KL(T||S) | validation pass@1 |
-    | 5e-4 constant (the old one)  | 0.0195 / 0.0209   | 37.2 / 37.6       |
-    | 5e-4, cosine to 10%          | 0.0122 / 0.0101   | 41.2 / 41.6       |
-    | 5e-4, cosine to 0            | 0.0125 / 0.0117   | 40.8 / 41.4       |
-    | 1e-3, cosine to 10%          | 0.0183 / 0.0155   | 38.6 / 39.8       |
-
-At a constant lr the held-out KL stalls near 0.02 (300 steps gave the same: README, "Sweeps"):
-that floor was the lr's noise, not the student's capacity, and the decay halves it.
-
-The gold cross-entropy (`--w-gold`, default 1) is *our addition*, not the spec's Stage II: the
-spec's token loss is distillation alone. Our teachers are under-trained at the default budget
-(train_teacher.py: validation loss still falling a quarter per 400 steps at step 2400), and pure
-distillation can only bring the student up to such a teacher. The data's own labels keep
-teaching past it, as MiniLLM's language-modelling term does. Chosen on the first 500 validation
-problems from the study's Stage I checkpoints and teachers of seeds 1 and 2 (f3f75d6; teachers
-at 42.8 / 42.6 there):
-
-    | --w-gold          | validation pass@1 | held-out KL(T||S) |
-    | 0 (distillation)  | 39.6 / 40.2       | 0.0086 / 0.0083   |
-    | 0.3               | 41.6 / 42.8       | 0.0085 / 0.0089   |
-    | 1                 | 43.2 / 45.0       | 0.0114 / 0.0118   |
-    | 3                 | 42.2 / 44.4       | 0.0169 / 0.0170   |
-
-The student drifts a little further from the teacher (held-out KL ~0.0085 -> ~0.0116) and answers better:
-it learns from the labels what the teacher had not yet. `--w-gold 0` is the spec's Stage II.
-With the gold term the budget matters again, and the default is 300 steps (150 before): on 500
-validation problems 300 steps lifted Stage II by +1.6 points on average over seeds 0-4 (up on 4
-of 5), and in a test-split sweep afterwards PADD rose by +1.2 to +2.7 points on each of three
-seeds (README, "A longer Stage II, with the gold term"). It doubles this stage's time (one
-thread on our CPU: 309-327 s a node in the study against 147-149 s at 150 steps).
-
-Load balance while the experts still learn (`--bias-rate`, default 0.01; *our addition*): the
-selection-only router bias of DeepSeek-V3, Stage IV's rule b_e <- b_e + u * sign(mean load -
-load_e), takes one step per batch from the batch's load over its valid tokens (summed over ranks).
-The Switch loss (w_bal 0.01) alone had left MaxVio at ~0.46 at the end of this stage, and Stage
-IV's bias then sent tokens to experts that had never trained on them: balancing cost ~1 point
-(stage4_balance.py). With the bias on from here, the experts learn under the routing they will
-be balanced at, and Stage IV has little left to move. The bias rides in the checkpoint (a model
-buffer) through Stage III, which leaves it as it is. Measured on all 500 validation problems,
-seeds 0 / 1 / 2, from the 5145133 study's Stage I checkpoints, each continued through the
-default Stages III and IV:
-
-    | --bias-rate  | Stage II (MaxVio)                | then Stage III            | then Stage IV (MaxVio)           |
-    | 0 (before)   | 50.2 / 39.2 / 51.4 (46.9; 0.46)  | 48.8 / 40.8 / 52.6 (47.4) | 49.2 / 40.0 / 50.0 (46.4; 0.11)  |
-    | 0.01         | 50.0 / 40.8 / 50.2 (47.0; 0.16)  | 48.6 / 39.8 / 49.6 (46.0) | 49.8 / 38.8 / 51.2 (46.6; 0.10)  |
-
-Balancing here costs nothing measurable (held-out KL(T||S) 0.0068 / 0.0086 / 0.0099 against
-0.0072 / 0.0091 / 0.0085), and Stage IV no longer costs a point (46.0 -> 46.6 against 47.4 ->
-46.4). End to end the two land within a seed's noise (~2 points per 500 problems) of each other.
+Defaults, chosen on validation problems (the runs: docs/journal.md):
+- --lr 5e-4, cosine to 10% (--lr-final 0.1): halves the held-out KL of a constant 5e-4, whose
+  floor near 0.02 was the lr's noise; 1e-3 and a decay to 0 were worse.
+- --w-gold 1 (*our addition*; 0 is the spec's pure distillation): +3 to +5 points over 0 on
+  validation; our teachers are under-trained, and the labels keep teaching past them.
+- 300 steps of 32 prompts: with the gold term the budget pays again (+1.6 points over 150).
+- --bias-rate 0.01: MaxVio at the end of this stage 0.16 instead of 0.46, at no measured cost,
+  and Stage IV then costs nothing measurable.
+- --lam-max 0.5, --w-path 0.1, --w-bal 0.01: set once, not swept.
 
 Baselines: `--loss fkl` (forward KL only, beta = 0) and `--lam-max 0` (offline: gold
 continuations only). Reports held-out KL(T||S) along the stage, test accuracy, routing entropy
 and MaxVio.
 
-Deviations: the paper's teachers score long chain-of-thought samples; ours are ~40 tokens.
-The student is trained on all its parameters (the paper does not freeze anything either).
+Deviations from the paper:
+1. The paper's teachers score long chain-of-thought samples; ours are ~40 tokens.
+2. The gold cross-entropy and the router bias are ours (above).
+3. The student is trained on all its parameters (the paper does not freeze anything either).
 
     python stage2_distill.py --in out/default/stage1.pt --out out/default/stage2.pt
     torchrun --standalone --nproc_per_node=2 stage2_distill.py --in out/default/stage1.pt --out out/default/stage2.pt
@@ -99,14 +63,13 @@ import random
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
 import data
 import eval_math
+from losses import adaptive_lambda, gold_ce, path_kl, switch_aux_loss, teacher_paths, token_kl_loss
 from model import count_params
-from stage1_cluster import teacher_paths
 
 PRESETS = {
     "tiny": dict(steps=16, batch_size=16, eval_every=8, n_val=60, n_test=42),
@@ -135,51 +98,9 @@ parser.add_argument("--bias-rate", type=float, default=0.01,
 parser.add_argument("--w-gold", type=float, default=1.0,
                     help="weight of cross-entropy on the gold solutions' tokens (0 = the spec's pure distillation)")
 common.add_run_args(parser)
-parser.add_argument("--stop-after", type=int, help="stop at the first resume point at or after this step (tests --resume)")
+parser.add_argument("--stop-after", type=int,
+                    help="stop at the first resume point at or after this step; --resume continues (a run in parts)")
 
-
-# ----------------------------------------------------------------------------- pure pieces
-
-def gold_ce(s_logits, targets, on_rows, device):
-    """Cross-entropy of S on the gold continuations (rows not in on_rows, whose targets are S's
-    own samples), as a mean over the global batch's gold tokens."""
-    gold = targets.clone()
-    gold[on_rows] = -1
-    n = int((gold >= 0).sum())
-    ce = F.cross_entropy(s_logits.float().flatten(0, 1), gold.flatten(), ignore_index=-1, reduction="sum")
-    return ce / max(n, 1) * common.global_weight(n, device)
-
-
-def token_kl_loss(t_logits, s_logits, beta=None):
-    """Per-token beta * KL(S||T) + (1 - beta) * KL(T||S); beta=None uses T's confidence.
-    Logits [N, V] -> [N]."""
-    lt, ls = t_logits.float().log_softmax(-1), s_logits.float().log_softmax(-1)
-    pt, ps = lt.exp(), ls.exp()
-    fkl = (pt * (lt - ls)).sum(-1)
-    rkl = (ps * (ls - lt)).sum(-1)
-    if beta is None:
-        beta = pt.max(-1).values.detach()
-    return beta * rkl + (1 - beta) * fkl
-
-
-def path_kl(p_teacher, g_student):
-    """KL(p_T || g_S) per token, [N, E] -> [N]."""
-    p = p_teacher.clamp(min=1e-9)
-    return (p * (p.log() - g_student.clamp(min=1e-9).log())).sum(-1)
-
-
-def switch_aux_loss(router_probs, topk_idx):
-    """E * sum_e f_e P_e (Switch Transformer): 1 when perfectly balanced, larger otherwise."""
-    E = router_probs.size(-1)
-    f = torch.bincount(topk_idx.flatten(), minlength=E).to(router_probs.dtype) / topk_idx.numel()
-    return E * (f * router_probs.mean(0)).sum()
-
-
-def adaptive_lambda(kl, kl0, lam_max):
-    """On-policy share: 0 at the start, lam_max once the held-out KL has halved."""
-    if kl0 <= 0:
-        return lam_max
-    return lam_max * min(1.0, max(0.0, (kl0 - kl) / (0.5 * kl0)))
 
 
 # ----------------------------------------------------------------------------- main

@@ -9,38 +9,31 @@ the built-in math suite (data.py). Each example is
 and the loss is next-token cross-entropy on the solution tokens only (right of the bar): the
 model is never asked to predict the question. Examples (~50 tokens) are packed whole into rows
 of block_size tokens, each with its own positions and a block-diagonal causal mask
-(common.pack_batch), so no compute goes to padding; `--batch-size` counts rows. The default
-uses small batches (8 rows, ~20 examples) and many steps: at a fixed CPU budget that learned
-faster than 32 or 64 rows in our runs (README). AdamW, linear warmup then cosine decay to 10%,
-periodic validation loss, and at the end greedy pass@1 on the test split, overall and per
-subdomain (eval_math.evaluate, the same grader Stage III uses as its reward).
+(common.pack_batch), so no compute goes to padding; `--batch-size` counts rows. AdamW, linear
+warmup then cosine decay to 10%, periodic validation loss, and at the end greedy pass@1 on the
+test split, overall and per subdomain (eval_math.evaluate, the same grader Stage III uses as
+its reward).
 
-The checkpoint holds an exponential moving average of the weights, not the last step's
-(`--ema 0.99`, a horizon of ~100 steps; 0 = the last weights):
-    avg <- d * avg + (1 - d) * theta,    d = min(0.99, (1 + step) / (10 + step))
+The checkpoint holds an exponential moving average of the weights, not the last step's:
+    avg <- d * avg + (1 - d) * theta,    d = min(ema, (1 + step) / (10 + step))      ema_update
 With 8-row batches the last steps' weights still jitter, and greedy decoding turns that jitter
-into whole answers. On the first 500 validation problems (seeds 0 1 2 one thread, seed 0 two
-threads) the average beat the last weights every time: pass@1 51.8 / 42.8 / 42.6 / 39.0 against
-49.0 / 42.2 / 42.2 / 37.6, validation loss 0.086 / 0.130 / 0.125 / 0.131 against 0.093 / 0.137 /
-0.132 / 0.135. Longer horizons did worse (0.995: 51.4 / 40.4 / 42.0 / 35.6; 0.998 and above
-are capped by the warm-up at 0.9963 after 2,400 steps: 51.0 / 41.4 / 41.2 / 35.2). What the
-average does not remove is the spread between runs: seed 0 with one thread and with two lands
-in different places (validation loss 0.086 vs 0.131) long before the end (README, "The teacher").
+into whole answers; the average smooths it.
 
-The default 2,400 steps are short of convergence, for the sake of the 60-minute study: the
-validation loss still falls by a quarter per 400 steps at the end, and 4,800 steps take seeds
-1 and 2 from 42.8 / 42.6 to 81.2 / 72.4 on the first 500 validation problems. The whole study
-with 4,800-step teachers (README, results/t4800) lifts every variant by 27-31 points (but
-no_stage1, by 2) and changes none of its conclusions, at 70 instead of 58 minutes. `--steps
-4800` where time allows.
-
-The teacher has to "leave room above it": the suite's difficulty and the default preset are
-tuned so that its greedy test accuracy lands between 40% and 80% with every subdomain above
-10% (README has the measured figures). A teacher at 0% or 100% would make every later stage
-meaningless.
+Defaults (the runs: docs/journal.md):
+- 4 layers, d = 128, rotary positions: rotary lifted test accuracy far above learned positions.
+- 8 packed rows a step, 2,400 steps, lr 3e-3: at a fixed CPU budget small batches and many
+  steps learned faster than 32 or 64 rows; 6e-3 was worse. 2,400 steps are short of
+  convergence, for the study's time budget; `--steps 4800` lifts every variant and changes
+  none of the study's conclusions.
+- --ema 0.99 (a horizon of ~100 steps): beat the last weights on every seed; 0.995 and longer
+  horizons did worse.
+- The teacher has to leave room above it: the suite and the preset put its greedy test
+  accuracy between 40% and 80% with every subdomain above 10%.
 
 Deviation from the paper: the paper's teachers are pretrained LLMs (Qwen) fine-tuned on
 competition math; ours is trained from scratch on a synthetic suite, in minutes, on a CPU.
+Teachers are not interchangeable at this scale: the same seed on another machine or thread
+count rounds differently and lands elsewhere, so studies average over one teacher per seed.
 
     python train_teacher.py --out out/default/teacher.pt            # ~4 min on 2 CPU cores
     python train_teacher.py --preset tiny --out out/smoke/teacher.pt
@@ -52,7 +45,6 @@ same steps as 1 (tests/test_ddp.py). Only rank 0 writes the checkpoint and the l
 """
 
 import argparse
-import math
 import random
 import time
 
@@ -79,14 +71,13 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter
 parser.add_argument("--out", default="out/default/teacher.pt", help="where to write the teacher checkpoint")
 parser.add_argument("--preset", choices=PRESETS, default="default", help="model size and training budget")
 parser.add_argument("--steps", type=int, help="optimiser steps (preset if unset)")
-parser.add_argument("--batch-size", type=int, help="sequences per step (preset if unset)")
+parser.add_argument("--batch-size", type=int, help="packed rows of block_size tokens per step (preset if unset)")
 parser.add_argument("--lr", type=float, help="peak learning rate (preset if unset)")
-parser.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
-                    help="pack whole examples into full rows (batch-size counts rows) instead of padding")
 parser.add_argument("--eval-every", type=int, help="validation (and resume point) every this many steps (preset if unset)")
 parser.add_argument("--ema", type=float, default=0.99,
                     help="decay of the weight average the checkpoint holds (0 = the last weights)")
-parser.add_argument("--stop-after", type=int, help="stop at the first resume point at or after this step (tests --resume)")
+parser.add_argument("--stop-after", type=int,
+                    help="stop at the first resume point at or after this step; --resume continues (a run in parts)")
 parser.add_argument("--data-seed", type=int, default=0,
                     help="seed of the suite's splits; later stages use the teacher's (keep it fixed across --seed)")
 common.add_run_args(parser, seed_help="seed for the init and the order of training batches")
@@ -128,16 +119,11 @@ def main():
     pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="teacher", disable=not common.is_main())
     for step in pbar:
         rng = random.Random(args.seed * 1_000_003 + step)  # per-step stream: resuming replays the same batches
-        if args.pack:
-            draw = lambda: data.encode_example(enc, train[rng.randrange(len(train))])
-            idx, targets, pos, mask, _ = common.pack_batch(draw, args.batch_size, config.block_size, device)
-        else:
-            batch = [train[rng.randrange(len(train))] for _ in range(args.batch_size)]
-            idx, targets, _ = common.pad_batch(*zip(*[data.encode_example(enc, ex) for ex in batch]), device)
-            pos = mask = None
+        draw = lambda: data.encode_example(enc, train[rng.randrange(len(train))])
+        idx, targets, pos, mask, _ = common.pack_batch(draw, args.batch_size, config.block_size, device)
         # under torchrun each rank trains on its slice of the same global batch, its loss weighted
         # so that the averaged gradient is the gradient of the global batch's mean loss
-        idx, targets, pos, mask = (common.shard(t) if t is not None else None for t in (idx, targets, pos, mask))
+        idx, targets, pos, mask = (common.shard(t) for t in (idx, targets, pos, mask))
         for group in opt.param_groups:
             group["lr"] = common.lr_at(step, args.steps, args.lr, warmup=max(1, args.steps // 20))
         with common.autocast(device):

@@ -1,4 +1,4 @@
-"""The ablation runner's pure pieces, against hand computations: no training, no subprocesses."""
+"""The ablation runner's and its report's pure pieces, against hand computations: no training, no subprocesses."""
 
 import json
 import math
@@ -10,9 +10,10 @@ import pytest
 
 import ablate
 import common
-from ablate import (NODES, VARIANTS, ancestors, build_summary, busy_wall, ckpt, claims, command, inputs,
-                    last_third, late_gamma, mean_ci95, paired_shift_text, schedule, seed_shifts, shift_band,
-                    study_time)
+import report
+from ablate import ancestors, command, inputs, schedule
+from report import (NODES, VARIANTS, build_summary, busy_wall, ckpt, claims, last_third, late_gamma, mean_ci95,
+                    paired_shift_text, seed_shifts, shift_band, shift_gaps, study_time)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -169,18 +170,18 @@ def test_node_commits_count_the_last_successful_record(tmp_path):
             dict(time=5, node="s2", seed=1, seconds=1, returncode=1, commit="ccc")]            # failed
     p.write_text("".join(json.dumps(r) + "\n" for r in recs))
     keys = [("teacher", 0), ("s1_cluster", 0), ("s2", 0), ("s2", 1)]
-    assert ablate.node_commits(str(p), keys) == {"unrecorded": 1, "aaa": 1, "bbb-dirty": 1}
-    assert ablate.node_commits(str(p), keys[1:2]) == {"aaa": 1}
-    assert ablate.node_commits(str(tmp_path / "none.jsonl"), keys) == {}
-    assert ablate.newest_commit(str(p), keys) == "bbb-dirty"  # the failed run of time 5 made nothing
-    assert ablate.newest_commit(str(p), keys[:1]) is None
+    assert report.node_commits(str(p), keys) == {"unrecorded": 1, "aaa": 1, "bbb-dirty": 1}
+    assert report.node_commits(str(p), keys[1:2]) == {"aaa": 1}
+    assert report.node_commits(str(tmp_path / "none.jsonl"), keys) == {}
+    assert report.newest_commit(str(p), keys) == "bbb-dirty"  # the failed run of time 5 made nothing
+    assert report.newest_commit(str(p), keys[:1]) is None
     ms = fake_metrics([0], lambda n, s: 0.3)
     summ = build_summary(ms, [0], "tiny", "aaa")
     args = (summ, ms, claims(summ), "python ablate.py", [], (60.0, 30.0, [], {}), {}, str(tmp_path / "R.md"))
-    assert "Checkpoints made at: `aaa` (1), `bbb-dirty` (1)" in ablate.markdown(*args, made_at={"aaa": 1, "bbb-dirty": 1})
-    assert "Checkpoints made at" not in ablate.markdown(*args, made_at={"aaa": 3})
-    assert "union of their runs' intervals" in ablate.markdown(*args, made_at={"aaa": 1, "bbb-dirty": 1})
-    assert "union" not in ablate.markdown(*args, made_at={"aaa": 3})
+    assert "Checkpoints made at: `aaa` (1), `bbb-dirty` (1)" in report.markdown(*args, made_at={"aaa": 1, "bbb-dirty": 1})
+    assert "Checkpoints made at" not in report.markdown(*args, made_at={"aaa": 3})
+    assert "union of their runs' intervals" in report.markdown(*args, made_at={"aaa": 1, "bbb-dirty": 1})
+    assert "union" not in report.markdown(*args, made_at={"aaa": 3})
 
 
 def fake_metrics(seeds, acc):
@@ -253,7 +254,7 @@ def test_claims_from_the_numbers():
     assert verdicts["PADD >= teacher + 3 points"][0] == "holds"  # +4 points
     assert "+4.0, +4.0, +4.0 (mean +4.0 ± 0.0)" in verdicts["PADD >= teacher + 3 points"][1]  # paired per seed
     ms["teacher", 1]["acc"], ms["s2", 2]["acc"] = 0.20, 0.25
-    gaps = ablate.paired_gaps(build_summary(ms, [0, 1, 2], "tiny", "abc"))
+    gaps = report.paired_gaps(build_summary(ms, [0, 1, 2], "tiny", "abc"))
     assert set(gaps) == {"teacher"} | set(VARIANTS) - {"padd"}
     assert gaps["teacher"][0] == pytest.approx([4.0, 10.0, 4.0]) and gaps["teacher"][1] == pytest.approx(6.0)
     assert gaps["kd_only"][0] == pytest.approx([-1.0, -1.0, 5.0])
@@ -282,13 +283,13 @@ def test_problem_gaps_in_the_write_up_only_where_stored(tmp_path):
     ms = fake_metrics([0, 1], lambda n, s: 0.5)
     summ = build_summary(ms, [0, 1], "tiny", "abc")
     args = (summ, ms, claims(summ), "python ablate.py", [], (60.0, 30.0, [], {}), {}, str(tmp_path / "R.md"))
-    assert ablate.problem_gaps(ms, [0, 1], VARIANTS) == {}
-    assert "| kd_only | +0.0 +0.0 | +0.0 ± 0.0 | not stored |" in ablate.markdown(*args)
+    assert report.problem_gaps(ms, [0, 1], VARIANTS) == {}
+    assert "| kd_only | +0.0 +0.0 | +0.0 ± 0.0 | not stored |" in report.markdown(*args)
     for s in (0, 1):
         ms["s4", s]["correct"], ms["s2", s]["correct"], ms["teacher", s]["correct"] = "1100", "1100", "0101"
-    gaps = ablate.problem_gaps(ms, [0, 1], VARIANTS)
+    gaps = report.problem_gaps(ms, [0, 1], VARIANTS)
     assert set(gaps) == {"teacher", "kd_only"} and gaps["kd_only"] == (0.0, 0.0)
-    assert "| kd_only | +0.0 +0.0 | +0.0 ± 0.0 | [+0.0, +0.0] |" in ablate.markdown(*args, by_problem=gaps)
+    assert "| kd_only | +0.0 +0.0 | +0.0 ± 0.0 | [+0.0, +0.0] |" in report.markdown(*args, by_problem=gaps)
 
 
 def test_claims_say_which_gaps_clear_the_test_problems():
@@ -355,6 +356,11 @@ def test_paired_router_shift_is_read_seed_by_seed_from_the_nodes():
     assert "prgrpo vs rspo" not in text.split("noise:")[1]
     clear = dict(shifts, rspo=[3.6, 3.5, 4.5])  # -10%, -12.5%, -10%: below on every seed, tightly
     assert {t: v for t, v, _ in claims(summ, shifts=clear)}[rs] == "holds"
+    # a router that never moved (the tiny preset) has no relative gap: that seed is left out
+    still = dict(shifts, grpo=[0.0, 4.0, 0.0])
+    assert shift_gaps(still)["rspo", "grpo"][0] == pytest.approx([100 * (4.2 - 4.0) / 4.0])
+    assert ("rspo", "grpo") not in shift_gaps(dict(shifts, grpo=[0.0, 0.0, 0.0]))
+    assert "rspo vs grpo" not in paired_shift_text(dict(shifts, grpo=[0.0, 0.0, 0.0]))
 
 
 # ----------------------------------------------------------------------------- sweeps: --extra, --reuse
@@ -419,7 +425,11 @@ def test_the_write_up_links_the_sweeps_beside_it(tmp_path):
     summ = build_summary(ms, [0, 1, 2], "tiny", "abc")
     md = str(tmp_path / "RESULTS.md")
     args = (summ, ms, claims(summ), "python ablate.py", [], (60.0, 30.0, [], {}), {}, md)
-    text = ablate.markdown(*args, sweeps=[str(tmp_path / "results" / "mu4" / "RESULTS.md")])
+    text = report.markdown(*args, sweeps=[str(tmp_path / "results" / "mu4" / "RESULTS.md")])
     assert "## Earlier studies and sweeps" in text and f"- [{os.path.join('results', 'mu4', 'RESULTS.md')}]" in text
-    assert "## Earlier studies and sweeps" not in ablate.markdown(*args)
+    assert "## Earlier studies and sweeps" not in report.markdown(*args)
+    # earlier studies are in docs/journal.md, with or without sweeps beside this one
+    for t in (text, report.markdown(*args)):
+        assert "described in [docs/journal.md](" in t
+    assert "## Earlier studies\n" in report.markdown(*args) and "- [" not in report.markdown(*args)
     assert "| padd | Stages I-IV (PADD) | 30.0 ± 0.0 |" in text

@@ -1,4 +1,5 @@
-"""Tests for eval_math: answer extraction, equivalence (the RL reward), loaders, subdomains.
+"""Tests for grader, latex_eval, benchmarks and eval_math: answer extraction, equivalence
+(the RL reward), loaders, subdomains, the paired interval.
 
 Tests on the real benchmark files skip where ../shared/data/benchmarks is absent.
 """
@@ -13,19 +14,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import benchmarks  # noqa: E402
 import eval_math as em  # noqa: E402
-from eval_math import (  # noqa: E402
+from benchmarks import (  # noqa: E402
     SUBDOMAINS,
     classifier_accuracy_olympiadbench,
     classify_subdomain,
-    evaluate_latex,
-    extract_answer,
-    is_equiv,
-    last_boxed,
     load_benchmark,
-    normalize_answer,
     subdomain_from_label,
 )
+from grader import extract_answer, is_equiv, last_boxed, normalize_answer  # noqa: E402
+from latex_eval import evaluate_latex  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "benchmarks"
 needs_bench = pytest.mark.skipif(not BENCH.is_dir(), reason=f"no benchmark folder at {BENCH}")
@@ -563,7 +562,7 @@ def test_classifier_accuracy_olympiadbench():
 
 @needs_bench
 def test_default_benchmark_dir_points_at_shared_data():
-    assert em.BENCHMARK_DIR.resolve() == BENCH.resolve()
+    assert benchmarks.BENCHMARK_DIR.resolve() == BENCH.resolve()
 
 
 # ---- the paired interval on a gap between two models (ablate.py, the CLI) ----
