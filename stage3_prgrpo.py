@@ -48,7 +48,8 @@ Deviations from the paper (simplifications at small scale):
    runs at the weights that sampled the rollout, so ratio and gamma are exactly 1 and the anchor
    exactly 0 on it, and no extra forward is needed (Stage IV, whose bias moves between rollout
    and update, takes one: rollout(record_old=True)).
-3. No KL to a reference model and no format reward: both measured neutral at this budget.
+3. No KL to a reference model (measured neutral at this budget) and no format reward (the spec
+   allows a small one; it was never run here).
 4. The gold cross-entropy is our addition (Stage II's, see stage2_distill.py), for prgrpo only:
    GRPO and RSPO run as their papers have them.
 5. Prompts come from the suite's training split (subdomain first, then a problem); evaluation
