@@ -1,8 +1,9 @@
 """Benchmark files and the subdomain classifier.
 
 ``load_benchmark(name_or_path)`` reads GSM8K, AIME24, AMC23, Minerva, OlympiadBench or the
-project suite (JSON lines, from ``BENCHMARK_DIR`` = ../shared/data/benchmarks) as records
-``{"question", "answer", "subdomain"}``, detecting the format per record.
+project suite (JSON lines, from ``BENCHMARK_DIR`` = ../shared/data/benchmarks), any JSON-lines
+file or saved dataset folder (through ``datasets``; columns named by the caller where the
+layout is not one of these) as records ``{"question", "answer", "subdomain"}``.
 ``classify_subdomain(question)`` assigns one of MATH's seven ``SUBDOMAINS`` by weighted
 keyword matching plus problem structure, for records without a usable label;
 ``classifier_accuracy_olympiadbench()`` scores it against OlympiadBench's subfields.
@@ -221,7 +222,7 @@ def classifier_accuracy_olympiadbench(path=None) -> dict:
     n = correct = 0
     per: dict[str, list[int]] = {}
     confusion: dict[str, dict[str, int]] = {}
-    for lineno, rec in _iter_jsonl(path):
+    for _, rec in _iter_jsonl(path):
         sub = rec.get("subfield")
         if sub not in OLYMPIAD_SUBFIELD_TO_SUBDOMAINS:
             continue
@@ -258,20 +259,64 @@ BENCHMARK_NAMES = {
 }
 
 
+def _datasets():
+    """The ``datasets`` package, quiet (no progress bars or info logging per file)."""
+    import datasets
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    return datasets
+
+
+def _parse_line(line: str, where: str) -> dict:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    return rec
+
+
 def _iter_jsonl(path: Path):
-    """Yield (lineno, dict) for each non-blank line; ValueError 'path:lineno: ...'."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
-                                 f"{type(rec).__name__}")
-            yield lineno, rec
+    """Yield (where, dict) per non-blank line, where = 'path:lineno'; ValueError 'where: ...'.
+
+    The lines are read through ``datasets``' text loader (row i is line i + 1, blank lines
+    included) and parsed here one by one: its json loader would coerce a mixed-type column
+    ("025" beside 27.0 became 25) and could not say which line is malformed.
+    """
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file, no problems in it")
+    try:
+        lines = _datasets().load_dataset("text", data_files=str(path), split="train",
+                                         keep_in_memory=True)["text"]
+    except Exception as e:  # unreadable bytes and the like
+        raise ValueError(f"{path}: cannot read as text ({type(e).__name__})") from None
+    n = 0
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            n += 1
+            yield f"{path}:{lineno}", _parse_line(line, f"{path}:{lineno}")
+    if n == 0:
+        raise ValueError(f"{path}: only blank lines, no problems in it")
+
+
+def _iter_saved(path: Path):
+    """Yield (where, dict) per row of a dataset folder written by ``save_to_disk``."""
+    try:
+        ds = _datasets().load_from_disk(str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: not a saved dataset folder ({type(e).__name__})") from None
+    if hasattr(ds, "keys"):  # a DatasetDict: its test split, or its only split
+        split = "test" if "test" in ds else (list(ds)[0] if len(ds) == 1 else None)
+        if split is None:
+            raise ValueError(f"{path}: a dataset with splits {sorted(ds)} and no 'test' split")
+        ds = ds[split]
+    if len(ds) == 0:
+        raise ValueError(f"{path}: the dataset has no rows")
+    for i, row in enumerate(ds):
+        yield f"{path}: row {i}", row
 
 
 def _answer_to_str(ans) -> str:
@@ -297,8 +342,38 @@ def _strip_math_dollars(s: str) -> str:
     return s.strip()
 
 
-def _convert_record(rec: dict, where: str) -> dict:
-    """One raw benchmark record -> {'question', 'answer', 'subdomain'}."""
+def _named_columns(rec: dict, where: str, question_field: str, answer_field: str) -> dict:
+    """A record whose problem and answer columns were named by the user (--question-field)."""
+    for field in (question_field, answer_field):
+        if field not in rec:
+            raise ValueError(f"{where}: no field '{field}' (fields: {', '.join(map(str, rec))})")
+    question, raw = rec[question_field], rec[answer_field]
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: field '{question_field}' is not a non-empty string")
+    if isinstance(raw, list) and raw and isinstance(raw[0], str):
+        raw = raw[0]  # OlympiadBench-style list of answers: the first
+    if isinstance(raw, str) and "####" in raw:
+        answer = raw.split("####")[-1].strip().split("\n", 1)[0].strip().replace(",", "")
+    elif isinstance(raw, str) and "\\boxed" in raw:
+        answer = last_boxed(raw)
+    else:
+        try:
+            answer = _answer_to_str(raw)
+        except TypeError as e:
+            raise ValueError(f"{where}: field '{answer_field}': {e}") from None
+    answer = _strip_math_dollars(answer) if answer else answer
+    if not answer:
+        raise ValueError(f"{where}: field '{answer_field}' is empty")
+    return {"question": question, "answer": answer}
+
+
+def _convert_record(rec: dict, where: str, question_field=None, answer_field=None) -> dict:
+    """One raw benchmark record -> {'question', 'answer', 'subdomain'} (+ 'unit' if it has one)."""
+    if question_field or answer_field:
+        out = _named_columns(rec, where, question_field or "question", answer_field or "answer")
+        label = rec.get("subdomain") or rec.get("type")
+        out["subdomain"] = subdomain_from_label(label) or classify_subdomain(out["question"])
+        return _with_unit(out, rec)
     question = rec.get("question")
     if not isinstance(question, str) or not question.strip():
         question = rec.get("problem")
@@ -338,7 +413,15 @@ def _convert_record(rec: dict, where: str) -> dict:
     subdomain = subdomain_from_label(label) or subdomain_from_label(rec.get("type"))
     if subdomain is None:
         subdomain = classify_subdomain(question)
-    return {"question": question, "answer": answer, "subdomain": subdomain}
+    return _with_unit({"question": question, "answer": answer, "subdomain": subdomain}, rec)
+
+
+def _with_unit(out: dict, rec: dict) -> dict:
+    """Keep a record's unit field (OlympiadBench: 'km/h', '$cm^2$'): the grader drops it."""
+    unit = rec.get("unit")
+    if isinstance(unit, str) and unit.strip():
+        out["unit"] = unit.strip()
+    return out
 
 
 def resolve_benchmark_path(path_or_name) -> Path:
@@ -349,24 +432,32 @@ def resolve_benchmark_path(path_or_name) -> Path:
     return Path(path_or_name)
 
 
-def load_benchmark(path_or_name) -> list[dict]:
-    """Load a benchmark as records ``{"question", "answer", "subdomain"}``.
+def load_benchmark(path_or_name, question_field=None, answer_field=None) -> list[dict]:
+    """Load a benchmark as records ``{"question", "answer", "subdomain"}`` (+ ``"unit"``).
 
-    ``path_or_name`` is a name from ``BENCHMARK_NAMES`` (read from ``BENCHMARK_DIR``) or a
-    path to a JSON-lines file. The format is detected per record:
-      * GSM8K (question, answer with ``#### x``): answer after ``####``, commas removed;
+    ``path_or_name`` is a name from ``BENCHMARK_NAMES`` (read from ``BENCHMARK_DIR``), a
+    JSON-lines file, or a dataset folder written by ``datasets``' ``save_to_disk``; both
+    are read through ``datasets``. ``question_field`` / ``answer_field`` name the columns
+    of any other layout (an answer with ``####`` or a ``\\boxed{}`` gives what it marks).
+    Otherwise the format is detected per record:
+      * GSM8K (question, answer with ``####`` x): answer after ``####``, commas removed;
       * AIME24 / AMC23 (problem/question, answer): ``answer`` as a string (27.0 -> '27');
       * Minerva (problem, solution, type): last ``\\boxed{}`` of ``solution``; ``type``
         is used as the label only if it is one of MATH's subjects (Minerva's are MIT
         course names, so those get the classifier);
-      * OlympiadBench (question, final_answer, subfield): ``final_answer[0]`` without
-        its ``$``; subdomain from the classifier;
+      * OlympiadBench (question, final_answer, subfield, unit): ``final_answer[0]``
+        without its ``$``; subdomain from the classifier; ``unit`` kept for the grader;
       * project suite (question, solution, answer, subdomain, level): as given.
     A record's own ``subdomain`` label is used when valid, else ``classify_subdomain``.
-    Raises FileNotFoundError for a missing file and ``ValueError("path:lineno: ...")``
-    for a malformed line.
+    Raises FileNotFoundError for a missing path and a one-line ``ValueError`` naming the
+    file, the line (or row) and the field for a malformed record, and for a file with
+    no records at all.
     """
     path = resolve_benchmark_path(path_or_name)
-    if not path.is_file():
+    if path.is_dir():
+        rows = _iter_saved(path)
+    elif path.is_file():
+        rows = _iter_jsonl(path)
+    else:
         raise FileNotFoundError(f"benchmark file not found: {path}")
-    return [_convert_record(rec, f"{path}:{lineno}") for lineno, rec in _iter_jsonl(path)]
+    return [_convert_record(rec, where, question_field, answer_field) for where, rec in rows]

@@ -18,6 +18,15 @@ Usage:
   python eval_math.py --ckpt out/default/stage2.pt out/default/stage3.pt --split validation  # stage3 minus stage2, paired
 
 Given several checkpoints it prints each later one minus the first with that interval.
+
+A prompt that does not fit the model's context (``len(prompt) >= block_size``, e.g. 825 of
+GSM8K's 1,319 questions at the default 128 tokens) is not generated for: it is counted as
+skipped and graded wrong (the accuracy keeps every problem in its denominator, so two
+models stay comparable problem by problem), and the table's ``skip`` column and a line
+under it say how many and why. Cutting it to its last tokens was rejected: the model would
+answer a question it was never shown in full.
+``--data`` takes 'suite', a benchmark name, a JSON-lines file or a saved dataset folder;
+``--question-field`` / ``--answer-field`` name the columns of another layout.
 Answer extraction and equivalence live in grader.py (the LaTeX arithmetic it evaluates
 in latex_eval.py); benchmark loading and the subdomain classifier in benchmarks.py.
 """
@@ -42,12 +51,13 @@ def encode_prompt(enc, question):
     return data.encode_example(enc, dict(question=question, solution=""))[0]
 
 
-def load_records(spec, split="test", seed=0):
-    """'suite' (the built-in suite's split) or a JSON-lines file in any benchmark format."""
+def load_records(spec, split="test", seed=0, question_field=None, answer_field=None):
+    """'suite' (the built-in suite's split), a benchmark name, a JSON-lines file or a saved
+    dataset folder (benchmarks.load_benchmark, through datasets)."""
     if spec == "suite":
         return data.split_rows(seed=seed)[split]
     try:
-        return load_benchmark(spec)
+        return load_benchmark(spec, question_field, answer_field)
     except FileNotFoundError:
         raise common.UserError(f"data file not found: {spec}")
     except ValueError as e:
@@ -83,14 +93,17 @@ def evaluate(model, enc, records, device, batch_size=100, max_new_tokens=None, d
     order = sorted(range(len(records)), key=lambda i: len(records[i]["question"]))[common.rank()::common.world()]
     correct = [False] * len(records)
     preds = [None] * len(records)
+    prompt_of = {i: encode_prompt(enc, records[i]["question"]) for i in order}
+    skipped = [i for i in order if len(prompt_of[i]) >= cfg.block_size]  # no room to answer
+    order = [i for i in order if len(prompt_of[i]) < cfg.block_size]
     for b in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=not common.is_main()):
         ids = order[b:b + batch_size]
-        prompts = [encode_prompt(enc, records[i]["question"]) for i in ids]
+        prompts = [prompt_of[i] for i in ids]
         outs = model.generate(prompts, max_new, temperature=0, eos_id=eos)
         for i, out in zip(ids, outs):
             text = data.decode_completion(enc, out)
             preds[i] = extract_answer(text)
-            correct[i] = is_equiv(preds[i], records[i]["answer"])
+            correct[i] = is_equiv(preds[i], records[i]["answer"], records[i].get("unit"))
         if moe:
             seqs = [p + o for p, o in zip(prompts, outs)]
             idx, _, valid = common.pad_batch(seqs, [[] for _ in seqs], device)
@@ -111,9 +124,11 @@ def evaluate(model, enc, records, device, batch_size=100, max_new_tokens=None, d
                 ent_sum += float(-(p * p.clamp(min=1e-12).log()).sum(-1).sum())
                 ent_n += p.size(0)
     model.train(was_training)
+    n_skipped = len(skipped)
     if common.world() > 1:
         for i, c, p in common.gather_lists([(i, correct[i], preds[i]) for i in order]):
             correct[i], preds[i] = c, p
+        n_skipped = int(common.all_reduce(torch.tensor([float(n_skipped)], device=device))[0])
         if moe:
             load = common.all_reduce(load.to(device)).cpu()
             heat = {s: common.all_reduce(h.to(device)).cpu() for s, h in heat.items()}
@@ -128,7 +143,8 @@ def evaluate(model, enc, records, device, batch_size=100, max_new_tokens=None, d
     # correct as a string, one "0"/"1" per record in the records' order: it is small enough to
     # keep in every checkpoint's metrics, where ablate.py pairs two variants problem by problem
     res = dict(acc=sum(correct) / max(1, len(records)), per_subdomain=per, n=len(records),
-               correct="".join("1" if c else "0" for c in correct), predictions=preds)
+               correct="".join("1" if c else "0" for c in correct), predictions=preds,
+               skipped=n_skipped, context=cfg.block_size)
     if moe:
         vio = max_vio(load)
         res.update(load=load.tolist(), max_vio_per_layer=vio.tolist(), max_vio=float(vio.mean()),
@@ -159,14 +175,17 @@ def print_report(rows):
     short = {"prealgebra": "prealg", "algebra": "alg", "number_theory": "numth",
              "counting_probability": "count", "geometry": "geom",
              "intermediate_algebra": "intalg", "precalculus": "precalc"}
-    head = ["ckpt", "acc"] + [short.get(s, s[:7]) for s in subs] + ["active", "total", "KL(T|S)", "H(route)", "MaxVio", "RS"]
+    skips = any(m.get("skipped") for m in rows.values())
+    head = ["ckpt", "acc"] + (["skip"] if skips else []) + [short.get(s, s[:7]) for s in subs] + \
+        ["active", "total", "KL(T|S)", "H(route)", "MaxVio", "RS"]
     lines = [head]
 
     def f(x, fmt):
         return "" if x is None else format(x, fmt)
     for name, m in rows.items():
         per = m.get("per_subdomain", {})
-        lines.append([name, f(100 * m["acc"], ".1f")] + [f(100 * per[s], ".1f") if s in per else "" for s in subs] +
+        lines.append([name, f(100 * m["acc"], ".1f")] + ([str(m.get("skipped", 0))] if skips else []) +
+                     [f(100 * per[s], ".1f") if s in per else "" for s in subs] +
                      [f(m.get("active_params"), ","), f(m.get("total_params"), ","), f(m.get("kl_to_teacher"), ".4f"),
                       f(m.get("routing_entropy"), ".3f"), f(m.get("max_vio"), ".3f"), f(m.get("router_shift"), ".4f")])
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
@@ -174,6 +193,10 @@ def print_report(rows):
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
         if j == 0:
             print("  ".join("-" * w for w in widths))
+    for name, m in rows.items():
+        if m.get("skipped"):
+            print(f"{name}: {m['skipped']} of {m['n']} problems skipped, graded wrong: their prompt does not fit "
+                  f"the model's context of {m.get('context', '?')} tokens")
 
 
 def paired_interval(a, b, n_boot=4000, seed=0):
@@ -230,11 +253,14 @@ def main():
                                      "given several, each later one minus the first with a paired 95% interval.")
     parser.add_argument("--ckpt", nargs="+", help="checkpoint(s) to evaluate")
     parser.add_argument("--table", metavar="DIR", help="print the stored metrics of DIR/{teacher,stage1..4}.pt as one table")
-    parser.add_argument("--data", default="suite", help="'suite' (built-in test split) or a benchmark .jsonl (name or path)")
+    parser.add_argument("--data", default="suite",
+                        help="'suite' (built-in test split), a benchmark name, a .jsonl path or a saved dataset folder")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"], help="suite split")
     parser.add_argument("--data-seed", type=int, default=0,
                         help="seed of the suite's splits: the teacher's train_teacher.py --data-seed")
-    parser.add_argument("--n", type=int, help="evaluate the first N problems only")
+    parser.add_argument("--n", type=int, help="evaluate the first N problems only (a positive integer)")
+    parser.add_argument("--question-field", help="column holding the problem, for a file or dataset of another layout")
+    parser.add_argument("--answer-field", help="column holding the answer (#### x or \\boxed{x} read as x)")
     parser.add_argument("--batch-size", type=int, default=100, help="prompts generated together")
     parser.add_argument("--json", help="write the results (with the per-problem grades, without the predictions) here")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -248,8 +274,10 @@ def main():
         return
     if not args.ckpt:
         parser.error("give --ckpt PATH or --table DIR")
+    if args.n is not None and args.n < 1:
+        raise common.UserError(f"--n {args.n}: must be a positive integer (leave it out to evaluate every problem)")
     device = common.pick_device(args.device)
-    records = load_records(args.data, args.split, args.data_seed)
+    records = load_records(args.data, args.split, args.data_seed, args.question_field, args.answer_field)
     records = records[:args.n] if args.n else records
     results = {}
     for path in args.ckpt:

@@ -256,7 +256,9 @@ class GPT(nn.Module):
         device = self.lm_head.weight.device
         B, lens = len(prompts), [len(p) for p in prompts]
         P = max(lens)
-        max_new_tokens = min(max_new_tokens, self.config.block_size - P)
+        if P >= self.config.block_size:  # no room for one new token: the caller must cut or skip it
+            raise ValueError(f"a prompt of {P} tokens leaves no room in a context of {self.config.block_size}")
+        max_new_tokens = max(0, min(max_new_tokens, self.config.block_size - P))
         # left-pad so that every row's next token is at the same column
         idx = torch.zeros(B, P, dtype=torch.long, device=device)
         valid = torch.zeros(B, P, dtype=torch.bool, device=device)

@@ -244,7 +244,6 @@ EQUIV = [
     (3, "3.0"),
     ("\\text{Yes}", "yes"),
     ("\\boxed{7}", "7"),
-    ("1", "1.0000001"),  # inside the 1e-6 relative tolerance
 ]
 
 NOT_EQUIV = [
@@ -255,6 +254,8 @@ NOT_EQUIV = [
     ("2", "3"),
     ("0.5", "0.51"),
     ("1", "1.00001"),  # outside the tolerance
+    ("1450001", "1450000"),  # integers compare exactly
+    ("0", "3.89e-10"),  # no absolute tolerance for a non-zero gold
     ("\\frac{1}{3}", "0.333"),
     ("\\sqrt{2}", "1.414"),
     ("2n", "2"),
@@ -281,6 +282,12 @@ NOT_EQUIV = [
 def test_is_equiv_true(pred, gold):
     assert is_equiv(pred, gold)
     assert is_equiv(gold, pred)
+
+
+def test_decimal_gold_is_a_rounded_value():
+    # a gold written as a decimal is rounded: relative 1e-6 either way of it; an integer is exact
+    assert is_equiv("1", "1.0000001")
+    assert not is_equiv("1.0000001", "1")
 
 
 @pytest.mark.parametrize("pred, gold", NOT_EQUIV)
