@@ -12,9 +12,11 @@ SEED   ?= 0
 
 .PHONY: venv run pipeline smoke ddp-smoke ddp-smoke-quiet pytest test bench stage1-inits ablate ablate-quick clean
 
-.venv/.installed: requirements.txt
+.venv/.installed: requirements.txt requirements-test.txt
 	python3 -m venv .venv
 	.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+	# math-verify: the grader's test oracle (tests/test_grader.py), not a run-time dependency
+	.venv/bin/pip install -q --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
 venv: .venv/.installed

@@ -270,6 +270,9 @@ def _expr_equiv(a: str, b: str) -> bool:
         return x is not None and y is not None and _close(float(x), float(y))
     # Polynomial-identity style test: distinct (rational) functions agree at a few
     # generic points with probability ~0. Every point must evaluate on both sides.
+    # Two sides that are 0 at every point are degenerate readings ("I(0) e^t" read as
+    # I*0*e^t, a function call taken for a product): not evidence of equality.
+    nonzero = False
     for k in range(3):
         env = {n: _SAMPLE_POINTS[(k + j) % len(_SAMPLE_POINTS)] + 0.37 * j
                for j, n in enumerate(names)}
@@ -277,7 +280,8 @@ def _expr_equiv(a: str, b: str) -> bool:
         x, y = evaluate_exact(pa, env), evaluate_exact(pb, env)
         if x is None or y is None or not _close(float(x), float(y)):
             return False
-    return True
+        nonzero = nonzero or abs(float(y)) > ZERO_TOL
+    return nonzero
 
 
 def _matrix_cells(s: str) -> list[list[str]] | None:
