@@ -16,7 +16,7 @@ SEED   ?= 0
 	python3 -m venv .venv
 	.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
 	# math-verify: the grader's test oracle (tests/test_grader.py), not a run-time dependency
-	.venv/bin/pip install -q --disable-pip-version-check -r requirements-test.txt
+	.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
 venv: .venv/.installed
