@@ -10,12 +10,13 @@ SMOKE  ?= out/smoke
 PRESET ?= default
 SEED   ?= 0
 
-.PHONY: venv run pipeline smoke ddp-smoke ddp-smoke-quiet pytest test bench stage1-inits ablate ablate-quick clean
+.PHONY: venv run pipeline smoke ddp-smoke ddp-smoke-quiet pytest test bench gpu-check stage1-inits ablate ablate-quick clean
 
+# requirements-test.txt: math-verify, the grader's test oracle (tests/test_grader.py), not a
+# run-time dependency. pip through the venv's python: a copied venv's pip script can point elsewhere.
 .venv/.installed: requirements.txt requirements-test.txt
 	python3 -m venv .venv
-	.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
-	# math-verify: the grader's test oracle (tests/test_grader.py), not a run-time dependency
+	.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
 	.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
@@ -73,6 +74,11 @@ ablate-quick: venv
 
 bench: venv
 	$(PY) bench.py --json out/bench.json
+
+# on a lent GPU: CUDA tests, kernel, gpu-preset pipeline, Stage III twice (gpu_check.py);
+# try it first on CPU with `make gpu-check GPU_CHECK=--dry-run`
+gpu-check: venv
+	$(PY) gpu_check.py --out out/gpu_check $(GPU_CHECK)
 
 clean:
 	rm -rf out .venv
