@@ -23,8 +23,11 @@ variants stay paired.
 Shared prefixes run once per seed, so a seed is 16 subprocesses (NODES, in report.py), each
 `python <stage script> --preset P --seed S --in ... --out <out>/seed<S>/<node>.pt`. Up to
 `--jobs` of them run at once, each single-threaded, and a node starts as soon as its input
-checkpoints exist. A node whose checkpoint exists is skipped, so an interrupted study
-continues where it stopped (and each script's own `--resume` picks up a half-finished node).
+checkpoints exist. A node whose checkpoint is done is skipped, so an interrupted study
+continues where it stopped (and each script's own `--resume` picks up a half-finished node):
+done means it loads and the digests of the inputs it records (`made_from`) are those of its
+inputs now, so a node whose teacher or student was remade, or whose file was cut off, runs
+again, and so does everything below it.
 
     python ablate.py                          # the study: default preset, seeds 0 1 2
     python ablate.py --quick                  # tiny preset, ~4 min, into out/ablate_quick, results_quick/
@@ -172,8 +175,10 @@ def read_plan(out):
     path = os.path.join(out, "plan.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    plan = common.read_json(path)
+    if not (isinstance(plan, dict) and isinstance(plan.get("preset"), str) and isinstance(plan.get("extra"), dict)):
+        raise common.UserError(f"{path} is not a plan (a preset and extra flags); mend or remove it")
+    return plan
 
 
 def check_plan(out, plan, write):
@@ -210,13 +215,67 @@ def link_reused(nodes, seeds, out, src, extra):
     return n
 
 
-def schedule(nodes, seeds, out, run_node, jobs, on_done=lambda node, seed, rc, seconds: None):
-    """Run every (node, seed) whose checkpoint is missing, at most `jobs` at a time, each once
-    its input checkpoints exist. run_node(node, seed) -> exit status, blocking (it runs in a
-    worker thread; the real one waits on a subprocess). on_done is called in this thread.
-    After a failure nothing new starts, running nodes finish. Returns [(node, seed, rc)] of the
-    failures (rc None: it exited 0 but wrote no checkpoint)."""
-    pending = [(n, s) for n, s in jobs_of(nodes, seeds) if not os.path.exists(ckpt(out, s, n))]
+def exists(out):
+    return lambda node, seed: os.path.exists(ckpt(out, seed, node))
+
+
+def node_done(out):
+    """done(node, seed): the node's checkpoint loads and was made from its inputs as they are
+    now (the digests in its `made_from`; a checkpoint without them: not older than its inputs)."""
+    digests = {}
+
+    def digest(path):
+        key = (os.path.realpath(path), os.path.getmtime(path), os.path.getsize(path))
+        if key not in digests:
+            digests[key] = common.file_digest(path)
+        return digests[key]
+
+    def done(node, seed):
+        path = ckpt(out, seed, node)
+        if not os.path.exists(path):
+            return False
+        try:
+            have = common.load_checkpoint(path)
+        except common.UserError as e:
+            print(f"warning: {e}; running {node} (seed {seed}) again", file=sys.stderr)
+            return False
+        inp = NODES[node][1]
+        if inp is None:
+            return True
+        paths = {"in": ckpt(out, seed, inp)}
+        if inp != "teacher":
+            paths["teacher"] = ckpt(out, seed, "teacher")
+        if not all(os.path.exists(p) for p in paths.values()):
+            return False
+        if "made_from" not in have:
+            return all(os.path.getmtime(p) <= os.path.getmtime(path) for p in paths.values())
+        if have["made_from"] != {k: digest(p) for k, p in paths.items()}:
+            print(f"warning: {path} was made from other inputs than those in {out}/seed{seed} now; "
+                  "running it again", file=sys.stderr)
+            return False
+        return True
+    return done
+
+
+def pending_jobs(nodes, seeds, done):
+    """The (node, seed) to run: those not done, and every node below one of them (its inputs
+    will change)."""
+    pending = []
+    for n, s in jobs_of(nodes, seeds):  # nodes in NODES order: an input comes before its users
+        if any((i, s) in pending for i in inputs(n)) or not done(n, s):
+            pending.append((n, s))
+    return pending
+
+
+def schedule(nodes, seeds, out, run_node, jobs, on_done=lambda node, seed, rc, seconds: None, done=None):
+    """Run every (node, seed) that is not done (done(node, seed); default: its checkpoint
+    exists), at most `jobs` at a time, each once its inputs are done. run_node(node, seed) ->
+    exit status, blocking (it runs in a worker thread; the real one waits on a subprocess).
+    on_done is called in this thread. After a failure nothing new starts, running nodes
+    finish. Returns [(node, seed, rc)] of the failures (rc None: it exited 0 but wrote no
+    checkpoint)."""
+    done = done or exists(out)
+    pending = pending_jobs(nodes, seeds, done)
     # the longest chains first, so the study does not end with one long chain running alone
     pending.sort(key=lambda k: (-height(k[0]), seeds.index(k[1]), nodes.index(k[0])))
 
@@ -230,16 +289,16 @@ def schedule(nodes, seeds, out, run_node, jobs, on_done=lambda node, seed, rc, s
             for key in list(pending):
                 if failed or len(running) >= jobs:
                     break
-                if all(os.path.exists(ckpt(out, key[1], i)) for i in inputs(key[0])):
+                if not any((i, key[1]) in pending or (i, key[1]) in running.values() for i in inputs(key[0])):
                     pending.remove(key)
                     running[pool.submit(timed, *key)] = key
             if not running:
                 break  # stopped by a failure: the rest of pending waits on it
-            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
-            for f in done:
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for f in finished:
                 (node, seed), (rc, seconds) = running.pop(f), f.result()
                 on_done(node, seed, rc, seconds)
-                if rc != 0 or not os.path.exists(ckpt(out, seed, node)):
+                if rc != 0 or not done(node, seed):
                     failed.append((node, seed, rc if rc != 0 else None))
     return failed
 
@@ -266,6 +325,25 @@ def git_commit(dirty=False):
         return "unknown"
 
 
+def drop_stale_resume(path, seed, node, out=None):
+    """A node's resume file left by a run from other inputs (its teacher was remade since) is
+    the study's own leftover: removed, so the node starts afresh instead of being refused."""
+    if not os.path.exists(path):
+        return
+    out = out or os.path.dirname(os.path.dirname(path))
+    inp = NODES[node][1]
+    now = {} if inp is None else {"in": common.file_digest(ckpt(out, seed, inp))}
+    if inp not in (None, "teacher"):
+        now["teacher"] = common.file_digest(ckpt(out, seed, "teacher"))
+    try:
+        stale = common.load_checkpoint(path).get("made_from", now) != now
+    except common.UserError:
+        stale = True
+    if stale:
+        print(f"warning: {path} is from other inputs; {node} (seed {seed}) starts afresh", file=sys.stderr)
+        os.remove(path)
+
+
 # ----------------------------------------------------------------------------- main
 
 def main():
@@ -274,6 +352,8 @@ def main():
         raise common.UserError("--quick runs the tiny preset; drop --preset default")
     if args.jobs < 1:
         raise common.UserError("--jobs must be at least 1")
+    if min(args.seeds) < 0:
+        raise common.UserError(f"--seeds {min(args.seeds)}: seeds must be at least 0")
     q = args.quick
     args.preset = args.preset or ("tiny" if q else "default")
     args.out = args.out or ("out/ablate_quick" if q else "out/ablate")
@@ -308,7 +388,8 @@ def main():
         # cores get more done than one process with two threads. Every node gets one thread,
         # whatever runs beside it, so a node's numbers do not depend on the schedule.
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        todo = sum(not os.path.exists(ckpt(args.out, s, n)) for n, s in keys)
+        done = node_done(args.out)
+        todo = len(pending_jobs(nodes, seeds, done))
         print(f"{len(keys)} checkpoints for {len(seeds)} seed(s), {len(keys) - todo} done already, {todo} to run")
         bar = tqdm(total=todo, desc="ablate", unit="node", disable=not todo)
 
@@ -318,6 +399,7 @@ def main():
             # a metrics log per node (the three Stage III runs of a seed would otherwise share
             # stage3.jsonl), and --resume so a node killed halfway continues from its last save
             rest += ["--log", ckpt(args.out, seed, node, ".jsonl"), "--resume"]
+            drop_stale_resume(ckpt(args.out, seed, node) + ".resume.pt", seed, node)
             with open(ckpt(args.out, seed, node, ".log"), "w") as f:
                 return subprocess.run([sys.executable, os.path.join(HERE, script)] + rest, stdout=f,
                                       stderr=subprocess.STDOUT, env=env).returncode
@@ -327,7 +409,7 @@ def main():
             bar.update(1)
             bar.write(f"{'done' if rc == 0 else 'FAILED'} seed {seed} {node} ({seconds:.0f} s)")
 
-        failed = schedule(nodes, seeds, args.out, run_node, args.jobs, on_done)
+        failed = schedule(nodes, seeds, args.out, run_node, args.jobs, on_done, done)
         bar.close()
         for node, seed, rc in failed:
             log = ckpt(args.out, seed, node, ".log")
@@ -348,7 +430,7 @@ def main():
     summary = build_summary(metrics, seeds, args.preset, commit, variants)
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        json.dump(common.strict(summary), f, indent=1, allow_nan=False)
     figs = plot_all(summary, metrics, os.path.join(args.results, "figures"))
 
     times = study_time(jsonl, keys)

@@ -11,10 +11,13 @@ torch.load(..., weights_only=True), so a checkpoint can never run code on load.
 """
 
 import contextlib
+import glob
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -42,6 +45,8 @@ def run(main):
 
 
 def pick_device(name="auto"):
+    if name != "auto" and name.split(":")[0] not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: expected auto, cpu or cuda")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -62,21 +67,80 @@ def add_run_args(parser, seed_help="seed"):
                         help="on CUDA, allow kernels that sum in arrival order: faster, not bit-reproducible")
 
 
-def setup(args, presets, stage):
-    """What every script does first: fill unset arguments from the preset, pick the device,
-    seed everything. Returns (device, path of the run's JSON-lines log)."""
+def setup(args, presets, stage, limits=None):
+    """What every script does first: fill unset arguments from the preset, check every argument
+    (check_args, with the script's `limits`) before anything is loaded, pick the device, seed
+    everything. Returns (device, path of the run's JSON-lines log)."""
     for k, v in presets[args.preset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     if getattr(args, "n_test", 1) < 1:
         raise UserError(f"--n-test {args.n_test}: every stage grades at least one test problem")
+    log = args.log or os.path.join(os.path.dirname(os.path.abspath(args.out)), f"{stage}.jsonl")
+    check_args(args, dict(RUN_LIMITS, **(limits or {})), log)
     device = pick_device(args.device)
     if device.type == "cuda" and not getattr(args, "nondeterministic", False):
         deterministic_cuda()
     init_distributed(device)
     seed_all(args.seed)  # the same on every rank: models start identical, batches are drawn alike
-    log = args.log or os.path.join(os.path.dirname(os.path.abspath(args.out)), f"{stage}.jsonl")
     return device, log
+
+
+# ----------------------------------------------------------------------------- argument checks
+# A bad value is refused before any work starts, with one line naming the flag and what it
+# may be: --steps 0 would otherwise write a teacher of NaN loss, --eval-every 0 divide by zero
+# an hour in, --out equal to --in overwrite the input.
+
+RUN_LIMITS = dict(seed=(0, 2 ** 32 - 1), data_seed=(0, 2 ** 32 - 1))  # numpy seeds are 32-bit
+FREE_FLOOR = 16 * 2 ** 20  # bytes an output folder must have free: a few checkpoints of the tiny preset
+
+
+def check_args(args, limits, log):
+    """limits: dest -> (lowest, highest), either None for open; an unset (None) argument is not
+    checked. Then the output: different from every input, in a folder that is (or can be made)
+    writable with room. Raises UserError naming the first bad flag."""
+    for dest, (lo, hi) in limits.items():
+        v = getattr(args, dest, None)
+        if v is None:
+            continue
+        flag = "--" + dest.replace("_", "-")
+        if not math.isfinite(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            allowed = (f"between {lo} and {hi}" if lo is not None and hi is not None else
+                       f"at least {lo}" if lo is not None else f"at most {hi}")
+            raise UserError(f"{flag} {v}: must be {allowed}")
+    ins = [("--in", args.inp)] if getattr(args, "inp", None) else []
+    if hasattr(args, "teacher") and ins:
+        ins.append(("--teacher", teacher_path_for(args.teacher, args.inp)))
+    for flag, path in [("--out", args.out), ("--log", log)]:
+        for in_flag, inp in ins:
+            if same_file(path, inp):
+                raise UserError(f"{flag} {path} is the same file as {in_flag} {inp}: it would be overwritten")
+        if os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a folder; give a file name")
+        check_writable(flag, path)
+    if same_file(args.out, log):
+        raise UserError(f"--log {log} is the same file as --out {args.out}")
+
+
+def same_file(a, b):
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def check_writable(flag, path):
+    """The folder of path exists or can be made, takes a file, and has FREE_FLOOR bytes free."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_probe.{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"x")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write in {folder} ({e.strerror or type(e).__name__})")
+    if shutil.disk_usage(folder).free < FREE_FLOOR:
+        raise UserError(f"{flag} {path}: {folder} has less than {FREE_FLOOR // 2 ** 20} MiB free")
 
 
 def autocast(device):
@@ -115,13 +179,55 @@ def save_checkpoint(path, ckpt):
     if not is_main():
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    remove_stale_temps(path)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
+    except OSError as e:  # a full or read-only disk mid-run: the old file is untouched
+        raise UserError(f"cannot write {path}: {e.strerror or type(e).__name__}")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temps(path):
+    """Temp files of path left by a process killed mid-save (kill -9 skips every finally)."""
+    for tmp in glob.glob(glob.escape(path) + ".tmp.*"):
+        pid = tmp.rsplit(".", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def file_digest(path):
+    """sha256 of a file's bytes: what a checkpoint records of each input (`made_from`)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def made_from(args):
+    """{"in": digest, "teacher": digest} of the checkpoints this run reads (what it has of each);
+    ablate.py reruns a node whose inputs no longer match."""
+    if not getattr(args, "inp", None):
+        return {}
+    out = {"in": file_digest(args.inp)}
+    if hasattr(args, "teacher"):
+        out["teacher"] = file_digest(teacher_path_for(args.teacher, args.inp))
+    return out
 
 
 def load_checkpoint(path, kind=None):
@@ -130,11 +236,21 @@ def load_checkpoint(path, kind=None):
         raise UserError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, or one that wants to run code
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}")
+    except Exception as e:  # truncated or empty file, not a torch file, or one that wants to run code
+        first = (str(e).splitlines() or [""])[0]
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}" + (f": {first}" if first else " (empty or cut off)"))
     missing = [k for k in ("model", "config", "stage", "tokenizer") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"{path} is not a PADD checkpoint (missing {', '.join(missing)})")
+    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["model"], dict):
+        raise UserError(f"{path} is not a PADD checkpoint (config or model is not a dict)")
+    for k in ("args", "metrics"):
+        if not isinstance(ckpt.setdefault(k, {}), dict):
+            raise UserError(f"{path} is not a PADD checkpoint ({k} is not a dict)")
+    known = set(GPTConfig.__dataclass_fields__)
+    unknown = sorted(set(ckpt["config"]) - known)
+    if unknown:
+        raise UserError(f"{path}: its config has keys no model takes ({', '.join(map(str, unknown))})")
     is_moe = ckpt["config"].get("n_expert", 1) > 1
     if kind == "dense" and is_moe:
         raise UserError(f"{path} is an MoE student (stage {ckpt['stage']}); a dense teacher is expected here")
@@ -144,9 +260,33 @@ def load_checkpoint(path, kind=None):
 
 
 def build_model(ckpt, device):
-    model = GPT(GPTConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = GPT(GPTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError, AssertionError) as e:  # config and tensors disagree
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"checkpoint (stage {ckpt.get('stage')}) does not build: {type(e).__name__}: {first}")
     return model.to(device)
+
+
+def check_student(sckpt, tckpt, inp, teacher):
+    """A student and the teacher it is compared with must share the vocabulary, depth and width,
+    and its Stage I clusters must cover every layer's neurons: otherwise the teacher's path and
+    logits do not line up with the student's (zip would silently drop layers)."""
+    s, t = sckpt["config"], tckpt["config"]
+    for k in ("vocab_size", "n_layer", "n_embd", "block_size"):
+        if s.get(k) != t.get(k):
+            raise UserError(f"teacher {teacher} has {k} {t.get(k)}, the student {inp} {s.get(k)}: not its teacher")
+    clusters = sckpt.get("clusters")
+    if clusters is None:
+        raise UserError(f"{inp} has no Stage I clusters (stage {sckpt['stage']})")
+    H, E = 4 * s.get("n_embd", 0), s.get("n_expert", 1)
+    ok = (isinstance(clusters, (list, tuple)) and len(clusters) == s.get("n_layer")
+          and all(torch.is_tensor(c) and c.shape == (H,) and not c.is_floating_point()
+                  and int(c.min()) >= 0 and int(c.max()) < E for c in clusters))
+    if not ok:
+        raise UserError(f"{inp}: its Stage I clusters do not give each of the {s.get('n_layer')} layers' {H} neurons "
+                        f"one of {E} experts")
 
 
 def peak_memory_mib(device):
@@ -178,12 +318,67 @@ def item(x):
     return float(x.detach()) if torch.is_tensor(x) else float(x)
 
 
+def strict(x):
+    """x with every non-finite float (NaN, inf) as None: JSON has no NaN."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict(v) for v in x]
+    return x
+
+
 def append_jsonl(path, record):
+    """One strict-JSON line. A torn last line (a full disk or a kill mid-write leaves one) is
+    dropped first, with a warning, so the next record starts on a line of its own."""
     if not is_main():
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(dict(time=round(time.time(), 3), **record)) + "\n")
+    line = json.dumps(strict(dict(time=round(time.time(), 3), **record)), allow_nan=False) + "\n"
+    try:
+        with open(path, "a+b") as f:
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.seek(0)
+                    keep = f.read().rfind(b"\n") + 1
+                    f.truncate(keep)
+                    print(f"warning: {path}: dropped a torn last line", file=sys.stderr)
+            f.write(line.encode())
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or type(e).__name__}")
+
+
+def read_jsonl(path):
+    """The records (dicts) of a JSON-lines file. A torn last line is skipped with a warning; a
+    bad line anywhere else is a UserError naming the file and line."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    records = []
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            r = json.loads(raw)
+            if not isinstance(r, dict):
+                raise ValueError("not an object")
+        except (ValueError, RecursionError):
+            if i == len(lines):  # no newline after it: the write was cut off
+                print(f"warning: {path}: skipped a torn last line", file=sys.stderr)
+                continue
+            raise UserError(f"{path}, line {i}: not a JSON object; mend or remove the line")
+        records.append(r)
+    return records
+
+
+def read_json(path):
+    """A JSON file the runner wrote, as a UserError (not a traceback) when it is not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{path} is not valid JSON ({type(e).__name__}); mend or remove it")
 
 
 def pad_batch(prompts, completions, device, pad_id=0):
@@ -245,20 +440,41 @@ def pack_batch(next_pair, rows, T, device):
 # the final checkpoint is written. Batches come from per-step seeded streams, so a resumed run
 # sees the same data it would have seen.
 
+# A resume file holds the run's arguments and what its inputs were (made_from), and is taken
+# only by a run whose arguments, bar these, and inputs are the same: anything else would
+# continue another run and write a checkpoint whose args describe a run that did not happen.
+RESUME_FREE = ("out", "log", "resume", "stop_after", "device", "nondeterministic")
+
+
 def save_resume(args, model, opt, step, tokenizer_dict, **extra):
     ckpt = make_checkpoint(model, tokenizer_dict, "resume", args, {}, optimizer=opt.state_dict(), step=step, **extra)
     save_checkpoint(args.out + ".resume.pt", ckpt)
 
 
-def maybe_resume(args, model, opt):
-    """Load <out>.resume.pt into model and opt if --resume and it exists.
-    Returns (step, the resume dict) or (0, {})."""
+def resume_mismatch(saved, args):
+    """The first argument (as its flag, with both values) in which a resume file's run differs
+    from this one, or None."""
+    now = vars(args)
+    for k in sorted(set(saved) | set(now)):
+        if k not in RESUME_FREE and k != "made_from" and saved.get(k, "unset") != now.get(k, "unset"):
+            return f"--{k.replace('_', '-')} {saved.get(k, 'unset')} there, {now.get(k, 'unset')} here"
+    return None
+
+
+def maybe_resume(args, model, opt, inputs=None):
+    """Load <out>.resume.pt into model and opt if --resume and it exists; inputs: this run's
+    made_from. Returns (step, the resume dict) or (0, {})."""
     path = args.out + ".resume.pt"
     if not (getattr(args, "resume", False) and os.path.exists(path)):
         return 0, {}
     state = load_checkpoint(path)
     if state["config"] != model.config.to_dict():
         raise UserError(f"{path} was written for another model config; delete it or drop --resume")
+    diff = resume_mismatch(state["args"], args)
+    if diff is None and inputs is not None and state.get("made_from", inputs) != inputs:
+        diff = "its input checkpoints have changed since"
+    if diff:
+        raise UserError(f"{path} is from another run ({diff}); delete it or drop --resume")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     print(f"resuming {path} at step {state['step']}")
@@ -267,7 +483,7 @@ def maybe_resume(args, model, opt):
 
 def data_seed(teacher_ckpt):
     """The seed of the suite's splits the teacher was trained on; every later stage uses it."""
-    args = teacher_ckpt["args"]
+    args = teacher_ckpt.get("args", {})
     return args.get("data_seed", args.get("seed", 0))  # checkpoints from before --data-seed
 
 

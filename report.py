@@ -5,7 +5,6 @@ finished checkpoints into the write-up: `<results>/summary.json`, the figures an
 this; nothing here starts a process.
 """
 
-import json
 import math
 import os
 
@@ -157,11 +156,9 @@ def last_records(jsonl):
     """{(node, seed): the last successful record} of <out>/ablate.jsonl ({} if absent)."""
     last = {}
     if os.path.exists(jsonl):
-        with open(jsonl) as f:
-            for line in f:
-                r = json.loads(line)
-                if r["returncode"] == 0:
-                    last[r["node"], r["seed"]] = r
+        for r in common.read_jsonl(jsonl):
+            if r.get("returncode") == 0 and "node" in r and "seed" in r:
+                last[r["node"], r["seed"]] = r
     return last
 
 
@@ -209,9 +206,9 @@ def late_gamma(out, seeds):
             node = RS_NODES[algo]
             path = ckpt(out, s, node, ".jsonl")
             if os.path.exists(path) and os.path.exists(ckpt(out, s, node)):  # finished runs only
-                with open(path) as f:
-                    # a resumed run logs its last steps again: the later record of a step wins
-                    by_step = {r["step"]: r["gamma"] for r in map(json.loads, f) if "gamma" in r and not r.get("final")}
+                # a resumed run logs its last steps again: the later record of a step wins
+                by_step = {r["step"]: r["gamma"] for r in common.read_jsonl(path)
+                           if "gamma" in r and "step" in r and not r.get("final")}
                 if by_step:
                     steps = sorted(by_step)
                     vals += last_third(steps, [by_step[u] for u in steps])

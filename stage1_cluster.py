@@ -92,7 +92,9 @@ parser.add_argument("--lr", type=float, default=1e-3, help="warmup learning rate
 parser.add_argument("--w-recon", type=float, default=1.0, help="weight of FFN reconstruction")
 parser.add_argument("--w-router", type=float, default=0.1, help="weight of router CE against p_T")
 common.add_run_args(parser)
-
+# what each flag may be (common.check_args); the teacher's FFN width is checked once it is read
+LIMITS = dict(n_expert=(2, None), top_k=(1, None), steps=(1, None), batch_size=(1, None), lr=(0, None),
+              w_recon=(0, None), w_router=(0, None), n_record=(1, None), router_steps=(0, None))
 
 
 # ----------------------------------------------------------------------------- recording
@@ -155,10 +157,16 @@ def subdomain_table(p, subs):
 
 def main():
     args = parser.parse_args()
-    device, log = common.setup(args, PRESETS, "stage1")
+    device, log = common.setup(args, PRESETS, "stage1", LIMITS)
     tckpt = common.load_checkpoint(args.inp, kind="dense")
-    if 4 * tckpt["config"]["n_embd"] % args.top_k:
-        raise common.UserError(f"--top-k {args.top_k} does not divide the teacher's FFN hidden size")
+    inputs = common.made_from(args)
+    H = 4 * tckpt["config"].get("n_embd", 0)
+    if args.top_k > args.n_expert:
+        raise common.UserError(f"--top-k {args.top_k}: must be at most --n-expert {args.n_expert}")
+    if H % args.top_k:
+        raise common.UserError(f"--top-k {args.top_k} does not divide the teacher's FFN hidden size {H}")
+    if H % args.n_expert:  # balanced clusters: H / E neurons each
+        raise common.UserError(f"--n-expert {args.n_expert} does not divide the teacher's FFN hidden size {H}")
     enc = data.tokenizer_from_dict(tckpt["tokenizer"])
     teacher = common.build_model(tckpt, device).eval()
     splits = data.split_rows(seed=common.data_seed(tckpt))
@@ -184,7 +192,7 @@ def main():
 
     # 5. warmup
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    start, _ = common.maybe_resume(args, student, opt)
+    start, _ = common.maybe_resume(args, student, opt, inputs)
     clusters_dev = [c.to(device) for c in clusters]
     pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="stage1 warmup", disable=not common.is_main())
     for step in pbar:
@@ -209,7 +217,7 @@ def main():
             common.append_jsonl(log, dict(stage="stage1", init=args.init, step=step + 1, lm=lm.item(),
                                           recon=common.item(recon), router_ce=common.item(route)))
             if step + 1 < args.steps:
-                common.save_resume(args, student, opt, step + 1, tckpt["tokenizer"])
+                common.save_resume(args, student, opt, step + 1, tckpt["tokenizer"], made_from=inputs)
 
     # report
     res = eval_math.evaluate(student, enc, test, device, desc="stage1 test")
@@ -220,9 +228,10 @@ def main():
                    expert_diversity=div, routing_entropy=res["routing_entropy"], max_vio=res["max_vio"],
                    max_vio_per_layer=res["max_vio_per_layer"], expert_load=res["load"], heatmap=res["heatmap"], teacher_heatmap=teacher_heat,
                    active_params=active, total_params=total, seconds=round(time.time() - t0, 1))
-    common.append_jsonl(log, dict(stage="stage1", init=args.init, step=args.steps,
+    common.save_checkpoint(args.out, common.make_checkpoint(student, tckpt["tokenizer"], "stage1", args, metrics,
+                                                            clusters=clusters, made_from=inputs))
+    common.append_jsonl(log, dict(stage="stage1", init=args.init, step=args.steps,  # after the save
                                   **{k: v for k, v in metrics.items() if "heatmap" not in k}))
-    common.save_checkpoint(args.out, common.make_checkpoint(student, tckpt["tokenizer"], "stage1", args, metrics, clusters=clusters))
     common.clear_resume(args)
     plot_heatmaps({"teacher clusters (mean p_T)": teacher_heat, f"student after Stage I ({args.init})": res["heatmap"]},
                   os.path.splitext(args.out)[0] + "_heatmap.png")

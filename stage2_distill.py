@@ -100,6 +100,10 @@ parser.add_argument("--w-gold", type=float, default=1.0,
 common.add_run_args(parser)
 parser.add_argument("--stop-after", type=int,
                     help="stop at the first resume point at or after this step; --resume continues (a run in parts)")
+# what each flag may be (common.check_args)
+LIMITS = dict(steps=(1, None), batch_size=(1, None), eval_every=(1, None), lr=(0, None), lr_final=(0, 1),
+              lam_max=(0, 1), w_path=(0, None), w_bal=(0, None), bias_rate=(0, None), w_gold=(0, None),
+              stop_after=(1, None), n_val=(1, None))
 
 
 
@@ -107,11 +111,12 @@ parser.add_argument("--stop-after", type=int,
 
 def main():
     args = parser.parse_args()
-    device, log = common.setup(args, PRESETS, "stage2")
+    device, log = common.setup(args, PRESETS, "stage2", LIMITS)
     sckpt = common.load_checkpoint(args.inp, kind="moe")
-    if "clusters" not in sckpt:
-        raise common.UserError(f"{args.inp} has no Stage I clusters (stage {sckpt['stage']})")
-    tckpt = common.load_checkpoint(common.teacher_path_for(args.teacher, args.inp), kind="dense")
+    teacher_path = common.teacher_path_for(args.teacher, args.inp)
+    tckpt = common.load_checkpoint(teacher_path, kind="dense")
+    common.check_student(sckpt, tckpt, args.inp, teacher_path)
+    inputs = common.made_from(args)
     enc = data.tokenizer_from_dict(sckpt["tokenizer"])
     eos = data.eos_id(enc)
     student, teacher = common.build_model(sckpt, device), common.build_model(tckpt, device).eval()
@@ -121,13 +126,14 @@ def main():
     test = splits["test"][:args.n_test]
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     kl0 = eval_math.kl_to_teacher(student, teacher, enc, val, device)
-    start, state = common.maybe_resume(args, student, opt)
+    start, state = common.maybe_resume(args, student, opt, inputs)
     gen = torch.Generator(device=device)
     t0 = time.time()
     kl_curve = state.get("kl_curve", [(0, kl0)])
     kl0 = kl_curve[0][1]
     lam = adaptive_lambda(kl_curve[-1][1], kl0, args.lam_max) if start else 0.0
-    common.append_jsonl(log, dict(stage="stage2", step=start, heldout_kl=kl0, lam=lam))
+    if not start:  # a resumed run logged its step 0 the first time
+        common.append_jsonl(log, dict(stage="stage2", step=0, heldout_kl=kl0, lam=lam))
     pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="stage2 distill", disable=not common.is_main())
     for step in pbar:
         rng = random.Random(args.seed * 1_000_003 + step)
@@ -178,7 +184,7 @@ def main():
                                           loss_bal=common.item(l_bal), loss_gold=common.item(l_gold), heldout_kl=kl, lam=lam, on_policy_rows=len(on)))
             pbar.write(f"step {step + 1}: held-out KL(T||S) {kl:.4f}, lambda -> {lam:.2f}")
             if step + 1 < args.steps:
-                common.save_resume(args, student, opt, step + 1, sckpt["tokenizer"], kl_curve=kl_curve)
+                common.save_resume(args, student, opt, step + 1, sckpt["tokenizer"], kl_curve=kl_curve, made_from=inputs)
                 if args.stop_after and step + 1 >= args.stop_after:
                     print(f"stopped at step {step + 1}; continue with --resume")
                     return
@@ -189,8 +195,10 @@ def main():
                    heldout_kl_curve=kl_curve, final_lambda=lam, routing_entropy=res["routing_entropy"],
                    max_vio=res["max_vio"], max_vio_per_layer=res["max_vio_per_layer"], expert_load=res["load"], heatmap=res["heatmap"],
                    active_params=active, total_params=total, seconds=round(time.time() - t0, 1))
-    common.append_jsonl(log, dict(stage="stage2", step=args.steps, **{k: v for k, v in metrics.items() if k != "heatmap"}))
-    common.save_checkpoint(args.out, common.make_checkpoint(student, sckpt["tokenizer"], "stage2", args, metrics, clusters=sckpt["clusters"]))
+    common.save_checkpoint(args.out, common.make_checkpoint(student, sckpt["tokenizer"], "stage2", args, metrics,
+                                                            clusters=sckpt["clusters"], made_from=inputs))
+    common.append_jsonl(log, dict(stage="stage2", step=args.steps,  # after the save: a record means a checkpoint
+                                  **{k: v for k, v in metrics.items() if k != "heatmap"}))
     common.clear_resume(args)
     print(f"held-out KL(T||S): {kl_curve[0][1]:.4f} -> {kl_curve[-1][1]:.4f}")
     eval_math.print_report({"stage1": sckpt["metrics"], "stage2": metrics})

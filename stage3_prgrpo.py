@@ -117,6 +117,13 @@ def make_parser(description, stage, inp, out):
     return p
 
 
+# what each flag may be (common.check_args); G = 1 would give every sample advantage 0
+LIMITS = dict(steps=(1, None), prompts=(1, None), group=(2, None), mu=(1, None), lr=(0, None), lr_final=(0, 1),
+              epsilon=(0, None), temperature=(1e-6, None), max_new=(1, None), gamma_min=(0, 1), w_anchor=(0, None),
+              w_align=(0, None), w_distill=(0, None), w_gold=(0, None), micro_tokens=(1, None), n_probe=(1, None),
+              rs_every=(1, None), w_aux=(0, None), alpha=(0, None), bias_rate=(0, None), calibrate=(0, None))
+
+
 parser = make_parser(__doc__.split("\n\n")[0], "stage3", "out/default/stage2.pt", "out/default/stage3.pt")
 
 
@@ -224,15 +231,14 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
     Stage III's step (its steps + s), as one pipeline running on would (Stage IV); otherwise
     Stage IV's steps would replay the prompts of Stage III's first steps.
     """
-    device, log = common.setup(args, PRESETS, args.stage)
-    if args.mu < 1:
-        raise common.UserError(f"--mu {args.mu}: must be at least 1")
+    device, log = common.setup(args, PRESETS, args.stage, LIMITS)
     sckpt = common.load_checkpoint(args.inp, kind="moe")
-    after = sckpt["args"]["steps"] if continue_stream and sckpt["stage"] == "stage3" else 0
+    after = sckpt["args"].get("steps", 0) if continue_stream and sckpt["stage"] == "stage3" else 0
     stream = args.seed * 1_000_003 + after  # step s draws from stream + s (docstring: continue_stream)
-    if "clusters" not in sckpt:
-        raise common.UserError(f"{args.inp} has no Stage I clusters (stage {sckpt['stage']})")
-    tckpt = common.load_checkpoint(common.teacher_path_for(args.teacher, args.inp), kind="dense")
+    teacher_path = common.teacher_path_for(args.teacher, args.inp)
+    tckpt = common.load_checkpoint(teacher_path, kind="dense")
+    common.check_student(sckpt, tckpt, args.inp, teacher_path)
+    inputs = common.made_from(args)
     enc = data.tokenizer_from_dict(sckpt["tokenizer"])
     student = common.build_model(sckpt, device)
     teacher = common.build_model(tckpt, device).eval()
@@ -244,7 +250,7 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
     probe_idx, _, probe_valid = common.pad_batch(*zip(*probe), device)
     probe_valid = probe_valid.flatten()
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    start, state = common.maybe_resume(args, student, opt)
+    start, state = common.maybe_resume(args, student, opt, inputs)
     gen = torch.Generator(device=device)
     # The old policy's values need a forward of their own only where the first update pass does
     # not run at the rollout's weights and routing: in Stage IV (its bias moves between the
@@ -330,7 +336,7 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
         pbar.set_postfix(acc=f"{acc:.2f}", rs=f"{shifts[-1][1]:.4f}" if shifts else "-")
         if (step + 1) % 10 == 0 and step + 1 < args.steps:
             common.save_resume(args, student, opt, step + 1, sckpt["tokenizer"], g_prev=g_prev, shifts=shifts,
-                               rewards_curve=rewards_curve)
+                               rewards_curve=rewards_curve, made_from=inputs)
 
     res = eval_math.evaluate(student, enc, test, device, desc=f"{args.stage} test")
     active, total = count_params(student)
@@ -341,10 +347,10 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
                    heatmap=res["heatmap"], router_shift=sum(last) / max(1, len(last)), router_shift_curve=shifts,
                    train_acc_curve=rewards_curve, active_params=active, total_params=total,
                    seconds=round(time.time() - t0, 1))
-    common.append_jsonl(log, dict(stage=args.stage, step=args.steps, final=True,
-                                  **{k: v for k, v in metrics.items() if k != "heatmap"}))
     common.save_checkpoint(args.out, common.make_checkpoint(student, sckpt["tokenizer"], args.stage, args, metrics,
-                                                            clusters=sckpt["clusters"]))
+                                                            clusters=sckpt["clusters"], made_from=inputs))
+    common.append_jsonl(log, dict(stage=args.stage, step=args.steps, final=True,  # after the save
+                                  **{k: v for k, v in metrics.items() if k != "heatmap"}))
     common.clear_resume(args)
     eval_math.print_report({sckpt["stage"]: sckpt["metrics"], args.stage: metrics})
     print(f"wrote {args.out} ({metrics['seconds']:.0f} s)")

@@ -81,6 +81,9 @@ parser.add_argument("--stop-after", type=int,
 parser.add_argument("--data-seed", type=int, default=0,
                     help="seed of the suite's splits; later stages use the teacher's (keep it fixed across --seed)")
 common.add_run_args(parser, seed_help="seed for the init and the order of training batches")
+# what each flag may be (common.check_args); a step count of 0 would write a teacher of NaN loss
+LIMITS = dict(steps=(1, None), batch_size=(1, None), lr=(0, None), eval_every=(1, None), ema=(0, 0.9999),
+              stop_after=(1, None), n_train=(1, None))
 
 
 def ema_update(avg, params, decay, step):
@@ -94,7 +97,7 @@ def ema_update(avg, params, decay, step):
 
 def main():
     args = parser.parse_args()
-    device, log = common.setup(args, PRESETS, "teacher")
+    device, log = common.setup(args, PRESETS, "teacher", LIMITS)
 
     enc = data.get_tokenizer()
     # the same test set for every n_train and every --seed: seeds vary the training, not the exam
@@ -141,7 +144,7 @@ def main():
             common.append_jsonl(log, dict(stage="teacher", step=step + 1, train_loss=loss.item(), val_loss=vl))
             pbar.write(f"step {step + 1}: train loss {loss.item():.4f}, val loss {vl:.4f}")
             if step + 1 < args.steps:
-                common.save_resume(args, model, opt, step + 1, data.tokenizer_to_dict(enc),
+                common.save_resume(args, model, opt, step + 1, data.tokenizer_to_dict(enc), made_from={},
                                    **({"ema": [a.cpu() for a in avg]} if avg is not None else {}))
                 if args.stop_after is not None and step + 1 >= args.stop_after:
                     print(f"stopped after step {step + 1}; --resume continues")
@@ -155,8 +158,9 @@ def main():
     res = eval_math.evaluate(model, enc, test, device)
     metrics = dict(acc=res["acc"], per_subdomain=res["per_subdomain"], correct=res["correct"], val_loss=eval_math.lm_loss(model, enc, val, device),
                    active_params=active, total_params=total, train_seconds=round(train_time, 1))
-    common.append_jsonl(log, dict(stage="teacher", step=args.steps, **metrics))
-    common.save_checkpoint(args.out, common.make_checkpoint(model, data.tokenizer_to_dict(enc), "teacher", args, metrics))
+    common.save_checkpoint(args.out, common.make_checkpoint(model, data.tokenizer_to_dict(enc), "teacher", args, metrics,
+                                                            made_from={}))
+    common.append_jsonl(log, dict(stage="teacher", step=args.steps, **metrics))  # after the save: a record means a checkpoint
     common.clear_resume(args)
     eval_math.print_report({"teacher": metrics})
     print(f"wrote {args.out} (trained {train_time:.0f} s)")

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 import ablate
 import common
@@ -433,3 +434,68 @@ def test_the_write_up_links_the_sweeps_beside_it(tmp_path):
         assert "described in [docs/journal.md](" in t
     assert "## Earlier studies\n" in report.markdown(*args) and "- [" not in report.markdown(*args)
     assert "| padd | Stages I-IV (PADD) | 30.0 ± 0.0 |" in text
+
+
+# ----------------------------------------------------------------------------- what a node was made from
+
+def fake_ckpt(path, **extra):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(dict(model={}, config={}, stage="x", tokenizer={}, args={}, metrics={}, **extra), path)
+
+
+def test_a_node_made_from_other_inputs_runs_again_with_everything_below_it(tmp_path):
+    out = str(tmp_path)
+    fake_ckpt(ckpt(out, 0, "teacher"))
+    t = common.file_digest(ckpt(out, 0, "teacher"))
+    fake_ckpt(ckpt(out, 0, "s1_cluster"), made_from={"in": t})
+    s1 = common.file_digest(ckpt(out, 0, "s1_cluster"))
+    fake_ckpt(ckpt(out, 0, "s2"), made_from={"in": s1, "teacher": t})
+    done, nodes = ablate.node_done(out), ancestors(["kd_only"])
+    assert ablate.pending_jobs(nodes, [0], done) == []
+    fake_ckpt(ckpt(out, 0, "teacher"), note="another teacher copied in")  # s1 and s2 now stale
+    done = ablate.node_done(out)
+    assert ablate.pending_jobs(nodes, [0], done) == [("s1_cluster", 0), ("s2", 0)]
+    with open(ckpt(out, 0, "teacher"), "r+b") as f:  # a teacher cut off: it too runs again
+        f.truncate(20)
+    assert ablate.pending_jobs(nodes, [0], ablate.node_done(out)) == [("teacher", 0), ("s1_cluster", 0), ("s2", 0)]
+
+
+def test_schedule_waits_for_a_rerun_input_before_its_user(tmp_path):
+    out, calls = str(tmp_path), []
+    for node in ("teacher", "s1_cluster"):
+        os.makedirs(os.path.join(out, "seed0"), exist_ok=True)
+        open(ckpt(out, 0, node), "w").close()
+    ran, runner = set(), fake_runner(out, calls)
+
+    def done(node, seed):  # the teacher is stale (another one was copied in) until it has run again
+        return (node, seed) in ran or (node != "teacher" and os.path.exists(ckpt(out, seed, node)))
+
+    def run_node(node, seed):
+        rc = runner(node, seed)
+        ran.add((node, seed))
+        return rc
+    assert schedule(ancestors(["kd_only"]), [0], out, run_node, jobs=2, done=done) == []
+    assert calls == [("teacher", 0), ("s1_cluster", 0), ("s2", 0)]
+
+
+def test_a_stale_resume_file_of_a_node_is_dropped(tmp_path, capsys):
+    out = str(tmp_path)
+    fake_ckpt(ckpt(out, 0, "teacher"))
+    path = ckpt(out, 0, "s1_cluster") + ".resume.pt"
+    fake_ckpt(path, made_from={"in": "the digest of an earlier teacher"})
+    ablate.drop_stale_resume(path, 0, "s1_cluster", out)
+    assert not os.path.exists(path) and "other inputs" in capsys.readouterr().err
+    fake_ckpt(path, made_from={"in": common.file_digest(ckpt(out, 0, "teacher"))})
+    ablate.drop_stale_resume(path, 0, "s1_cluster", out)
+    assert os.path.exists(path)  # its own inputs: --resume continues it
+
+
+def test_a_torn_ablate_log_and_a_bad_plan_are_no_traceback(tmp_path, capsys):
+    jsonl = tmp_path / "ablate.jsonl"
+    jsonl.write_text(json.dumps(dict(node="teacher", seed=0, seconds=1.0, returncode=0, commit="c", time=5.0))
+                     + '\n{"node": "s1_cluster", "se')
+    assert report.node_commits(str(jsonl), [("teacher", 0), ("s1_cluster", 0)]) == {"c": 1}
+    assert "torn" in capsys.readouterr().err
+    (tmp_path / "plan.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(common.UserError, match="plan.json"):
+        ablate.read_plan(str(tmp_path))

@@ -157,6 +157,10 @@ def test_resume_gives_the_same_model(smoke, tmp_path):
     d, _ = smoke
     resume_matches_full_run(tmp_path, "stage2_distill.py", ["--preset", "tiny", "--in", str(d / "stage1.pt"), "--device", "cpu",
                                                             "--steps", "8", "--eval-every", "4", "--n-test", "5"])
+    # the resumed run logs on from step 4: one step-0 record, one record per step, the final
+    # one (with acc) last, all as in the uninterrupted run's log
+    steps = lambda log: [(r["step"], "acc" in r) for r in map(json.loads, open(tmp_path / log))]
+    assert steps("p.jsonl") == steps("f.jsonl") == [(0, False), (4, False), (8, False), (8, True)]
 
 
 def test_teacher_resume_keeps_its_weight_average(tmp_path):
