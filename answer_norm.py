@@ -106,7 +106,10 @@ _IN_PREFIX_RE = re.compile(r"^\s*[A-Za-z](?:_\{?[A-Za-z0-9]{1,5}\}?)?\s*\\in(?![
 _UNIT_WORD_RE = re.compile(r"([A-Za-z]+)\.?(?:\^\{?-?\d+\}?)?")
 # Words that follow a value but are mathematics, not units ("2 pi" is not "2").
 NOT_UNITS = {"pi", "sqrt", "ln", "log", "sin", "cos", "tan", "exp", "i", "e", "and", "or",
-             "if", "for", "where", "when", "otherwise", "is", "even", "odd"}
+             "if", "for", "where", "when", "otherwise", "is", "even", "odd",
+             # multipliers and operators: "6 million" and "6 squared" are not 6
+             "thousand", "million", "billion", "trillion", "hundred", "dozen", "squared", "cubed",
+             "times", "half", "minus", "plus", "negative", "less", "more"}
 # Units that may follow a non-number expression without a \text wrapper ("\frac{41}{12} km").
 KNOWN_UNITS = {
     "km", "cm", "mm", "nm", "m", "kg", "g", "mg", "s", "ms", "min", "h", "hr", "hrs",

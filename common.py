@@ -342,9 +342,14 @@ def append_jsonl(path, record):
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     f.seek(0)
-                    keep = f.read().rfind(b"\n") + 1
-                    f.truncate(keep)
-                    print(f"warning: {path}: dropped a torn last line", file=sys.stderr)
+                    data = f.read()
+                    keep = data.rfind(b"\n") + 1
+                    try:  # a whole record that lacks only its newline is kept, as read_jsonl keeps it
+                        json.loads(data[keep:])
+                        f.write(b"\n")
+                    except ValueError:
+                        f.truncate(keep)
+                        print(f"warning: {path}: dropped a torn last line", file=sys.stderr)
             f.write(line.encode())
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or type(e).__name__}")
@@ -455,8 +460,15 @@ def resume_mismatch(saved, args):
     """The first argument (as its flag, with both values) in which a resume file's run differs
     from this one, or None."""
     now = vars(args)
+
+    def same(k):
+        a, b = saved.get(k, "unset"), now.get(k, "unset")
+        if k in ("inp", "teacher") and isinstance(a, str) and isinstance(b, str):
+            return os.path.abspath(a) == os.path.abspath(b)  # "out/x" and "./out/x" are one file
+        return a == b
+
     for k in sorted(set(saved) | set(now)):
-        if k not in RESUME_FREE and k != "made_from" and saved.get(k, "unset") != now.get(k, "unset"):
+        if k not in RESUME_FREE and k != "made_from" and not same(k):
             return f"--{k.replace('_', '-')} {saved.get(k, 'unset')} there, {now.get(k, 'unset')} here"
     return None
 

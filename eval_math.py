@@ -19,12 +19,12 @@ Usage:
 
 Given several checkpoints it prints each later one minus the first with that interval.
 
-A prompt that does not fit the model's context (``len(prompt) >= block_size``, e.g. 825 of
-GSM8K's 1,319 questions at the default 128 tokens) is not generated for: it is counted as
-skipped and graded wrong (the accuracy keeps every problem in its denominator, so two
-models stay comparable problem by problem), and the table's ``skip`` column and a line
-under it say how many and why. Cutting it to its last tokens was rejected: the model would
-answer a question it was never shown in full.
+A prompt that does not fit the model's context (``len(prompt) >= block_size``; most of
+GSM8K's at the default 128 tokens) is not generated for: it is counted as skipped and graded
+wrong (the accuracy keeps every problem in its denominator, so two models stay comparable
+problem by problem), and the table's ``skip`` column and a line under it say how many and
+why. It is not cut to its last tokens, since the model would then answer a question it was
+never shown in full.
 ``--data`` takes 'suite', a benchmark name, a JSON-lines file or a saved dataset folder;
 ``--question-field`` / ``--answer-field`` name the columns of another layout.
 Answer extraction and equivalence live in grader.py (the LaTeX arithmetic it evaluates

@@ -69,6 +69,12 @@ _NUMBER_IN_TEXT_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\
 _WORD_START_RE = re.compile(r"[A-Za-z]{2,}\b")
 _ANSWER_WORDS = {"yes", "no", "true", "false", "none", "infinity", "even", "odd", "never",
                  "always", "impossible"}
+# Words that make a sentence's number something else than the answer.
+_QUALIFIER_RE = re.compile(
+    r"\b(?:not|no|never|minus|negative|less|more|fewer|greater|than|between|twice|half|times|"
+    r"of|over|under|above|below|about|approximately|around|least|most|except|sqrt|root|log|ln|"
+    r"sin|cos|tan|pi|exp|frac|squared|cubed|thousand|million|billion|hundred|dozen)\b",
+    re.IGNORECASE)
 
 
 def _clean_inline_answer(s: str) -> str | None:
@@ -81,15 +87,23 @@ def _clean_inline_answer(s: str) -> str | None:
         m = re.match(r"\$+((?:[^$\\]|\\.)*)\$", s)
         if m:
             return m.group(1).strip() or None
-    # "that there are 6 ways": a sentence, not an answer; its math span or number is.
+    # "that there are 6 ways": a sentence, not an answer; its math span or number is. Only
+    # an unambiguous one: a sentence with a word that changes the number ("not 5", "minus 5",
+    # "less than 7", "sqrt(2)") or with two numbers ("between 3 and 4") has no answer, since
+    # taking its first number would hand the RL policy a reward for a wrong one.
     w = _WORD_START_RE.match(s)
     if w and w.group().lower() not in _ANSWER_WORDS and not s[:w.end()].isupper():
         m = _MATH_SPAN_RE.search(s)
         if m:
             return (m.group(1) or m.group(2)).strip() or None
-        m = _NUMBER_IN_TEXT_RE.search(s)
-        if m:
-            return m.group()
+        sentence = re.split(r"\.\s", s, maxsplit=1)[0]
+        if _QUALIFIER_RE.search(sentence) or re.search(r"[\\^/()]", sentence):
+            return None
+        nums = _NUMBER_IN_TEXT_RE.findall(sentence)
+        if len(nums) == 1:
+            return nums[0]
+        if nums:
+            return None
     # "42. Let me double-check": the answer ends with its sentence (not at "3.5").
     s = re.split(r"\.\s+(?=[A-Z])", s, maxsplit=1)[0]
     # Trailing sentence punctuation and math delimiters, in any order: "$5$." / "5.$".
@@ -325,6 +339,15 @@ def _equiv_norm(a: str, b: str, depth: int) -> bool:
     if len(pa) > 1 or len(pb) > 1 or set_a != set_b:
         if len(pa) != len(pb) or len(pa) > MAX_ELEMENTS:
             return False
+        # "x=2,y=3" names each value: pair them by name, so "x=3,y=2" is another answer
+        na, nb = [_lhs_name(x) for x in pa], [_lhs_name(y) for y in pb]
+        if len(set(na)) > 1 or len(set(nb)) > 1:
+            if set(na) == {None} or set(nb) == {None}:  # "x=2,y=3" against "2,3": in order
+                return all(_equiv_norm(strip_lhs(x), strip_lhs(y), depth + 1) for x, y in zip(pa, pb))
+            if None in na or None in nb or sorted(na) != sorted(nb) or len(set(na)) != len(na):
+                return False
+            vb = dict(zip(nb, pb))
+            return all(_equiv_norm(strip_lhs(x), strip_lhs(vb[n]), depth + 1) for n, x in zip(na, pa))
         # "x=1,x=2" lists the same solutions as "1,2".
         pa, pb = [strip_lhs(x) for x in pa], [strip_lhs(y) for y in pb]
         if ga and gb:
@@ -346,6 +369,15 @@ def _equiv_norm(a: str, b: str, depth: int) -> bool:
         da = f"({ea[0]})-({ea[1]})"
         return _expr_equiv(da, f"({eb[0]})-({eb[1]})") or _expr_equiv(da, f"({eb[1]})-({eb[0]})")
     return _expr_equiv(a, b)
+
+
+_LHS_NAME_RE = re.compile(r"^\s*([A-Za-z](?:_\{?[A-Za-z0-9]{1,5}\}?)?)\s*=(?!=)")
+
+
+def _lhs_name(s: str) -> str | None:
+    """The variable a list element names ("y" of "y = 3"), or None."""
+    m = _LHS_NAME_RE.match(s)
+    return m.group(1).replace("{", "").replace("}", "") if m else None
 
 
 def _unordered_equiv(pa: list[str], pb: list[str], depth: int) -> bool:

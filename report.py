@@ -207,8 +207,8 @@ def late_gamma(out, seeds):
             path = ckpt(out, s, node, ".jsonl")
             if os.path.exists(path) and os.path.exists(ckpt(out, s, node)):  # finished runs only
                 # a resumed run logs its last steps again: the later record of a step wins
-                by_step = {r["step"]: r["gamma"] for r in common.read_jsonl(path)
-                           if "gamma" in r and "step" in r and not r.get("final")}
+                by_step = {r["step"]: r["gamma"] for r in common.read_jsonl(path)  # null: a NaN gamma
+                           if r.get("gamma") is not None and "step" in r and not r.get("final")}
                 if by_step:
                     steps = sorted(by_step)
                     vals += last_third(steps, [by_step[u] for u in steps])

@@ -63,7 +63,19 @@ LABELLED = [
     ("(B)", "B", True), ("\\text{(C)}", "B", False), ("Yes", "yes", True), ("no", "yes", False),
     # function calls are not products: I(0) is not I*0
     ("-(I(0) e^{-t})", "I(0) e^{-t}", False),
+    # multipliers and operators after a number are not units
+    ("6 million", "6", False), ("6 squared", "6", False), ("6 dozen", "6", False), ("6 thousand", "6", False),
+    ("12 square units", "12", True), ("42 apples", "42", True),
+    # named values pair by name; repeated names list solutions in any order
+    ("x=3,y=2", "x=2,y=3", False), ("y=3,x=2", "x=2,y=3", True), ("x=2,y=3", "2,3", True),
+    ("x=2,x=1", "1,2", True),
 ]
+
+# A sentence after "the answer is" whose number is not the answer: no answer at all, else the
+# RL policy is paid for "not 5" when the gold is 5.
+NO_ANSWER = ["The answer is not 5.", "The answer is minus 5", "The answer is sqrt(2)", "The answer is pi/2",
+             "The answer is log 8", "The answer is between 3 and 4", "The answer is less than 7",
+             "The answer is twice 6", "The answer is cos(0)"]
 
 EXTRACT = [
     ("The answer is that there are 6 ways.", "6"),
@@ -88,6 +100,11 @@ def test_labelled_pair(pred, gold, right):
 @pytest.mark.parametrize("text, answer", EXTRACT)
 def test_extraction(text, answer):
     assert extract_answer(text) == answer
+
+
+@pytest.mark.parametrize("text", NO_ANSWER)
+def test_a_qualified_sentence_is_no_answer(text):
+    assert extract_answer(text) is None
 
 
 def test_unit_field():

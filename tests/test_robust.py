@@ -173,6 +173,12 @@ def test_resume_mismatch_names_the_first_differing_flag():
     assert common.resume_mismatch(saved, now) is None
     now.seed, now.steps = 1, 80
     assert common.resume_mismatch(saved, now) == "--seed 0 there, 1 here"
+    # the same input spelled another way is the same input (ablate.py given ./out or out)
+    saved.update(inp="out/s2.pt", teacher="out/teacher.pt")
+    now = argparse.Namespace(**dict(saved, inp="./out/s2.pt", teacher=os.path.abspath("out/teacher.pt")))
+    assert common.resume_mismatch(saved, now) is None
+    now.inp = "out/s1.pt"
+    assert common.resume_mismatch(saved, now) == "--inp out/s2.pt there, out/s1.pt here"
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -226,6 +232,9 @@ def test_torn_last_line_is_skipped_and_dropped_before_the_next_record(tmp_path, 
     assert "torn" in capsys.readouterr().err
     common.append_jsonl(str(p), {"a": 4})
     assert [r["a"] for r in common.read_jsonl(str(p))] == [1, 2, 4]
+    p.write_text('{"a": 1}\n{"a": 2}')  # a whole record short of its newline is kept
+    common.append_jsonl(str(p), {"a": 3})
+    assert [r["a"] for r in common.read_jsonl(str(p))] == [1, 2, 3]
     p.write_text('{"a": 1}\nnot json\n{"a": 2}\n')  # not a torn write: the user has to look
     with pytest.raises(common.UserError, match="x.jsonl, line 2"):
         common.read_jsonl(str(p))
