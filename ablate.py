@@ -96,7 +96,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = {"teacher": "train_teacher.py", "stage1": "stage1_cluster.py", "stage2": "stage2_distill.py",
           "stage3": "stage3_prgrpo.py", "stage4": "stage4_balance.py"}
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, each a full copy of the study")
 parser.add_argument("--preset", choices=["tiny", "default"], help="budget preset of every stage (default: default; --quick: tiny)")
 parser.add_argument("--out", help="checkpoints and logs (default: out/ablate; --quick: out/ablate_quick)")

@@ -10,6 +10,7 @@ written atomically (temp file in the same folder, then os.replace) and read only
 torch.load(..., weights_only=True), so a checkpoint can never run code on load.
 """
 
+import argparse
 import contextlib
 import glob
 import hashlib
@@ -30,6 +31,15 @@ from model import GPT, GPTConfig
 
 class UserError(Exception):
     """A problem the user can fix (a path, a checkpoint of the wrong kind, a bad line)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors (an unknown flag, a bad choice) end like every other user
+    error: one line naming the problem and exit 2, without the usage block."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def run(main):

@@ -33,7 +33,6 @@ in latex_eval.py); benchmark loading and the subdomain classifier in benchmarks.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -249,7 +248,7 @@ def table(run_dir):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Greedy pass@1 of a PADD checkpoint, overall and per subdomain; "
+    parser = common.ArgumentParser(description="Greedy pass@1 of a PADD checkpoint, overall and per subdomain; "
                                      "given several, each later one minus the first with a paired 95% interval.")
     parser.add_argument("--ckpt", nargs="+", help="checkpoint(s) to evaluate")
     parser.add_argument("--table", metavar="DIR", help="print the stored metrics of DIR/{teacher,stage1..4}.pt as one table")

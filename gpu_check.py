@@ -44,7 +44,7 @@ STAGES = [  # (name, script, input checkpoint)
 DRY_STEPS = {"teacher": 4, "stage1": 2, "stage2": 2, "stage3": 2, "stage4": 1}
 DET_STEPS = {False: 10, True: 2}  # steps of each of the two Stage III runs compared (gpu, dry run)
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--out", default="out/gpu_check", help="folder for the checkpoints, logs and the two summaries")
 parser.add_argument("--dry-run", action="store_true", help="tiny preset and shapes on the CPU: check the script, not the GPU")
 parser.add_argument("--limit", type=int, default=540, help="seconds for the whole check; each step gets what is left")

@@ -78,7 +78,7 @@ PRESETS = {
     "gpu": dict(n_expert=16, top_k=2, n_record=800, steps=200, batch_size=64, router_steps=300, n_test=700, n_val=300),
 }
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--in", dest="inp", default="out/default/teacher.pt", help="the dense teacher checkpoint")
 parser.add_argument("--out", default="out/default/stage1.pt", help="where to write the student checkpoint")
 parser.add_argument("--init", choices=["cluster", "random_subsets", "random"], default="cluster",

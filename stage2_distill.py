@@ -77,7 +77,7 @@ PRESETS = {
     "gpu": dict(steps=600, batch_size=64, eval_every=100, n_val=300, n_test=700),
 }
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--in", dest="inp", default="out/default/stage1.pt", help="the Stage I student checkpoint")
 parser.add_argument("--teacher", help="the dense teacher (default: teacher.pt beside --in)")
 parser.add_argument("--out", default="out/default/stage2.pt", help="where to write the student checkpoint")

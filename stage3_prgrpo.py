@@ -89,7 +89,7 @@ PRESETS = {
 
 
 def make_parser(description, stage, inp, out):
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--in", dest="inp", default=inp, help="the student checkpoint to start from")
     p.add_argument("--teacher", help="the dense teacher (default: teacher.pt beside --in)")
     p.add_argument("--out", default=out, help="where to write the student checkpoint")

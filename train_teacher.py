@@ -67,7 +67,7 @@ PRESETS = {
                 n_train=20000, eval_every=500),
 }
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = common.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--out", default="out/default/teacher.pt", help="where to write the teacher checkpoint")
 parser.add_argument("--preset", choices=PRESETS, default="default", help="model size and training budget")
 parser.add_argument("--steps", type=int, help="optimiser steps (preset if unset)")

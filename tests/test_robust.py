@@ -247,3 +247,15 @@ def test_logs_are_strict_json(tmp_path):
     assert "NaN" not in line and "Infinity" not in line
     r = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
     assert r["loss"] is None and r["curve"] == [[1, None], [2, 0.5]]
+
+
+def test_argparse_errors_are_one_line(capsys):
+    """A bad choice or an unknown flag ends like every other user error: one line, exit 2."""
+    p = common.ArgumentParser()
+    p.add_argument("--preset", choices=["tiny", "default"])
+    for argv in (["--preset", "huge"], ["--nope"]):
+        with pytest.raises(SystemExit) as e:
+            p.parse_args(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:")
