@@ -219,6 +219,18 @@ def exists(out):
     return lambda node, seed: os.path.exists(ckpt(out, seed, node))
 
 
+def node_inputs(out, seed, node):
+    """{"in": path, "teacher": path} of the checkpoints a node reads, keyed as its `made_from`
+    (Stage I reads only the teacher, as --in; the teacher reads none)."""
+    inp = NODES[node][1]
+    if inp is None:
+        return {}
+    paths = {"in": ckpt(out, seed, inp)}
+    if inp != "teacher":
+        paths["teacher"] = ckpt(out, seed, "teacher")
+    return paths
+
+
 def node_done(out):
     """done(node, seed): the node's checkpoint loads and was made from its inputs as they are
     now (the digests in its `made_from`; a checkpoint without them: not older than its inputs)."""
@@ -239,12 +251,9 @@ def node_done(out):
         except common.UserError as e:
             print(f"warning: {e}; running {node} (seed {seed}) again", file=sys.stderr)
             return False
-        inp = NODES[node][1]
-        if inp is None:
+        paths = node_inputs(out, seed, node)
+        if not paths:
             return True
-        paths = {"in": ckpt(out, seed, inp)}
-        if inp != "teacher":
-            paths["teacher"] = ckpt(out, seed, "teacher")
         if not all(os.path.exists(p) for p in paths.values()):
             return False
         if "made_from" not in have:
@@ -331,10 +340,7 @@ def drop_stale_resume(path, seed, node, out=None):
     if not os.path.exists(path):
         return
     out = out or os.path.dirname(os.path.dirname(path))
-    inp = NODES[node][1]
-    now = {} if inp is None else {"in": common.file_digest(ckpt(out, seed, inp))}
-    if inp not in (None, "teacher"):
-        now["teacher"] = common.file_digest(ckpt(out, seed, "teacher"))
+    now = {k: common.file_digest(p) for k, p in node_inputs(out, seed, node).items()}
     try:
         stale = common.load_checkpoint(path).get("made_from", now) != now
     except common.UserError:

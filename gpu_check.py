@@ -106,6 +106,7 @@ def main():
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():
         raise common.UserError("no CUDA device: run with --dry-run to check the script on the CPU")
+    args.out = os.path.abspath(args.out)  # the steps run from the repository's folder
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
     left = lambda: args.limit - (time.time() - t_start)
