@@ -54,7 +54,7 @@ def load_records(spec, split="test", seed=0, question_field=None, answer_field=N
     """'suite' (the built-in suite's split), a benchmark name, a JSON-lines file or a saved
     dataset folder (benchmarks.load_benchmark, through datasets)."""
     if spec == "suite":
-        return data.split_rows(seed=seed)[split]
+        return data.heldout_rows(seed) if split == "heldout" else data.split_rows(seed=seed)[split]
     try:
         return load_benchmark(spec, question_field, answer_field)
     except FileNotFoundError:
@@ -69,15 +69,29 @@ def max_vio(load):
     return load.max(dim=-1).values / load.mean(dim=-1).clamp(min=1e-12) - 1
 
 
-@torch.no_grad()
-def evaluate(model, enc, records, device, batch_size=100, max_new_tokens=None, desc="eval"):
-    """Greedy pass@1 over records {question, answer, subdomain}, overall and per subdomain.
+# sampled pass@1 (the field's avg@k): k samples per problem at the rollouts' temperature. At 8
+# the paired interval of a Stage III - Stage II gap on the 700 test problems is half greedy's
+# width (about 2 points against 4; docs/journal.md, 2026-12-06)
+SAMPLES, SAMPLE_TEMPERATURE = 8, 1.0
 
-    For an MoE model it also replays prompt + generated tokens once, teacher-forced, to measure
-    routing at inference: per-layer expert load and MaxVio, mean router entropy, and the
+
+@torch.no_grad()
+def evaluate(model, enc, records, device, batch_size=100, max_new_tokens=None, desc="eval",
+             samples=SAMPLES, temperature=SAMPLE_TEMPERATURE, seed=0):
+    """Greedy pass@1 over records {question, answer, subdomain}, overall and per subdomain, and
+    with samples = k > 0 sampled pass@1: the mean over problems of the share of k samples at
+    `temperature` that are right (`acc_sampled`; `correct_sampled` holds each problem's count,
+    one digit per problem, so k <= 9). Greedy is what a user of the model gets; sampled is what
+    RL optimises, and it moves first (Stage III's headline, greedy its guard).
+
+    For an MoE model it also replays prompt + greedy tokens once, teacher-forced, to measure
+    routing at inference: per-layer expert load and MaxVio, mean router entropy, the
     subdomain x expert activation table (share of a subdomain's assignments that go to each
-    expert, summed over layers).
+    expert, summed over layers) and its per-layer counts (`route_counts` [L][S][E], the
+    specialisation's mutual information is computed from them).
     """
+    if not 0 <= samples <= 9:
+        raise ValueError(f"samples={samples}: per-problem counts are stored one digit each (0..9)")
     was_training = model.training
     model.eval()
     eos = data.eos_id(enc)
@@ -86,6 +100,9 @@ def evaluate(model, enc, records, device, batch_size=100, max_new_tokens=None, d
     moe = cfg.n_expert > 1
     load = torch.zeros(cfg.n_layer, cfg.n_expert, dtype=torch.float64)
     heat = {s: torch.zeros(cfg.n_expert, dtype=torch.float64) for s in SUBDOMAINS}
+    route = torch.zeros(cfg.n_layer, len(SUBDOMAINS), cfg.n_expert, dtype=torch.float64)
+    right_k = [0] * len(records)  # right samples per problem
+    gen = torch.Generator(device=device)
     ent_sum, ent_n = 0.0, 0
     # under torchrun each rank grades every world-th problem (of the length-sorted order, so the
     # ranks' batches cost about the same) and the results are gathered below
@@ -103,6 +120,15 @@ def evaluate(model, enc, records, device, batch_size=100, max_new_tokens=None, d
             text = data.decode_completion(enc, out)
             preds[i] = extract_answer(text)
             correct[i] = is_equiv(preds[i], records[i]["answer"], records[i].get("unit"))
+        if samples:
+            # seeded per batch of the length-sorted order: the same draws whatever ran before
+            gen.manual_seed(seed * 1_000_003 + 7919 * common.rank() + b)
+            outs_k = model.generate([p for p in prompts for _ in range(samples)], max_new,
+                                    temperature=temperature, eos_id=eos, generator=gen)
+            for j, out in enumerate(outs_k):
+                i = ids[j // samples]
+                right_k[i] += int(is_equiv(extract_answer(data.decode_completion(enc, out)), records[i]["answer"],
+                                        records[i].get("unit")))
         if moe:
             seqs = [p + o for p, o in zip(prompts, outs)]
             idx, _, valid = common.pad_batch(seqs, [[] for _ in seqs], device)
@@ -119,18 +145,21 @@ def evaluate(model, enc, records, device, batch_size=100, max_new_tokens=None, d
                 load[layer] += counts.sum(0)
                 for r, s in enumerate(sub):
                     heat[s] += counts[r]
+                    if s in SUBDOMAINS:
+                        route[layer, SUBDOMAINS.index(s)] += counts[r]
                 p = ffn.router_probs[valid]
                 ent_sum += float(-(p * p.clamp(min=1e-12).log()).sum(-1).sum())
                 ent_n += p.size(0)
     model.train(was_training)
     n_skipped = len(skipped)
     if common.world() > 1:
-        for i, c, p in common.gather_lists([(i, correct[i], preds[i]) for i in order]):
-            correct[i], preds[i] = c, p
+        for i, c, p, h in common.gather_lists([(i, correct[i], preds[i], right_k[i]) for i in order]):
+            correct[i], preds[i], right_k[i] = c, p, h
         n_skipped = int(common.all_reduce(torch.tensor([float(n_skipped)], device=device))[0])
         if moe:
             load = common.all_reduce(load.to(device)).cpu()
             heat = {s: common.all_reduce(h.to(device)).cpu() for s, h in heat.items()}
+            route = common.all_reduce(route.to(device)).cpu()
             ent = common.all_reduce(torch.tensor([ent_sum, ent_n], dtype=torch.float64, device=device))
             ent_sum, ent_n = float(ent[0]), int(ent[1])
     subs = sorted({r.get("subdomain") or classify_subdomain(r["question"]) for r in records},
@@ -144,12 +173,24 @@ def evaluate(model, enc, records, device, batch_size=100, max_new_tokens=None, d
     res = dict(acc=sum(correct) / max(1, len(records)), per_subdomain=per, n=len(records),
                correct="".join("1" if c else "0" for c in correct), predictions=preds,
                skipped=n_skipped, context=cfg.block_size)
+    if samples:
+        res.update(acc_sampled=sum(right_k) / max(1, samples * len(records)), correct_sampled="".join(map(str, right_k)),
+                   samples=samples, temperature=temperature)
     if moe:
         vio = max_vio(load)
         res.update(load=load.tolist(), max_vio_per_layer=vio.tolist(), max_vio=float(vio.mean()),
                    routing_entropy=ent_sum / max(1, ent_n),
-                   heatmap={s: (h / h.sum().clamp(min=1)).tolist() for s, h in heat.items() if h.sum() > 0})
+                   heatmap={s: (h / h.sum().clamp(min=1)).tolist() for s, h in heat.items() if h.sum() > 0},
+                   route_counts=route.tolist())
     return res
+
+
+def stored(res):
+    """What a stage keeps of evaluate()'s result in its checkpoint's metrics: both accuracies
+    with their per-problem grades (ablate.py pairs variants on them), and the routing counts."""
+    keys = ("acc", "per_subdomain", "correct", "acc_sampled", "correct_sampled", "samples", "temperature",
+            "skipped", "route_counts")
+    return {k: res[k] for k in keys if k in res}
 
 
 @torch.no_grad()
@@ -175,7 +216,9 @@ def print_report(rows):
              "counting_probability": "count", "geometry": "geom",
              "intermediate_algebra": "intalg", "precalculus": "precalc"}
     skips = any(m.get("skipped") for m in rows.values())
-    head = ["ckpt", "acc"] + (["skip"] if skips else []) + [short.get(s, s[:7]) for s in subs] + \
+    sampled = any("acc_sampled" in m for m in rows.values())
+    head = ["ckpt", "acc"] + (["sampled"] if sampled else []) + (["skip"] if skips else []) + \
+        [short.get(s, s[:7]) for s in subs] + \
         ["active", "total", "KL(T|S)", "H(route)", "MaxVio", "RS"]
     lines = [head]
 
@@ -183,7 +226,9 @@ def print_report(rows):
         return "" if x is None else format(x, fmt)
     for name, m in rows.items():
         per = m.get("per_subdomain", {})
-        lines.append([name, f(100 * m["acc"], ".1f")] + ([str(m.get("skipped", 0))] if skips else []) +
+        lines.append([name, f(100 * m["acc"], ".1f")] +
+                     ([f(100 * m["acc_sampled"], ".1f") if "acc_sampled" in m else ""] if sampled else []) +
+                     ([str(m.get("skipped", 0))] if skips else []) +
                      [f(100 * per[s], ".1f") if s in per else "" for s in subs] +
                      [f(m.get("active_params"), ","), f(m.get("total_params"), ","), f(m.get("kl_to_teacher"), ".4f"),
                       f(m.get("routing_entropy"), ".3f"), f(m.get("max_vio"), ".3f"), f(m.get("router_shift"), ".4f")])
@@ -192,15 +237,19 @@ def print_report(rows):
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
         if j == 0:
             print("  ".join("-" * w for w in widths))
+    if sampled:
+        m = next(m for m in rows.values() if "acc_sampled" in m)
+        print(f"acc: greedy pass@1; sampled: pass@1 of {m['samples']} samples a problem at temperature {m['temperature']:g}")
     for name, m in rows.items():
         if m.get("skipped"):
             print(f"{name}: {m['skipped']} of {m['n']} problems skipped, graded wrong: their prompt does not fit "
                   f"the model's context of {m.get('context', '?')} tokens")
 
 
-def paired_interval(a, b, n_boot=4000, seed=0):
+def paired_interval(a, b, n_boot=4000, seed=0, k=1):
     """a, b: per-seed strings of per-problem grades ("0"/"1", the same problems in the same
-    order, as evaluate() returns them) of two models or two variants. The 95% percentile
+    order, as evaluate() returns them; for sampled pass@1 each digit counts the right ones of
+    k samples, `correct_sampled`) of two models or two variants. The 95% percentile
     interval, in points, of mean(a) - mean(b) when the problems are resampled with replacement
     (one resample for all seeds, so each problem stays paired with itself).
 
@@ -215,7 +264,7 @@ def paired_interval(a, b, n_boot=4000, seed=0):
     # which reads as "below" (a gap that is no finding)
     diff = len(b) * np.sum([[int(c) for c in x] for x in a], 0) - len(a) * np.sum([[int(c) for c in x] for x in b], 0)
     sums = diff[np.random.default_rng(seed).integers(0, len(diff), (n_boot, len(diff)))].sum(1)
-    lo, hi = np.percentile(sums / (len(a) * len(b) * len(diff)), [2.5, 97.5])
+    lo, hi = np.percentile(sums / (len(a) * len(b) * len(diff) * k), [2.5, 97.5])
     return 100 * float(lo), 100 * float(hi)
 
 
@@ -254,13 +303,18 @@ def main():
     parser.add_argument("--table", metavar="DIR", help="print the stored metrics of DIR/{teacher,stage1..4}.pt as one table")
     parser.add_argument("--data", default="suite",
                         help="'suite' (built-in test split), a benchmark name, a .jsonl path or a saved dataset folder")
-    parser.add_argument("--split", default="test", choices=["train", "validation", "test"], help="suite split")
+    parser.add_argument("--split", default="test", choices=["train", "validation", "test", "heldout"],
+                        help="suite split; heldout: ~3,100 more validation problems (data.heldout_rows)")
     parser.add_argument("--data-seed", type=int, default=0,
                         help="seed of the suite's splits: the teacher's train_teacher.py --data-seed")
     parser.add_argument("--n", type=int, help="evaluate the first N problems only (a positive integer)")
     parser.add_argument("--question-field", help="column holding the problem, for a file or dataset of another layout")
     parser.add_argument("--answer-field", help="column holding the answer (#### x or \\boxed{x} read as x)")
     parser.add_argument("--batch-size", type=int, default=100, help="prompts generated together")
+    parser.add_argument("--samples", type=int, default=SAMPLES,
+                        help="k samples a problem for sampled pass@1, 0 to 9 (0: greedy only)")
+    parser.add_argument("--temperature", type=float, default=SAMPLE_TEMPERATURE, help="temperature of those samples")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the samples")
     parser.add_argument("--json", help="write the results (with the per-problem grades, without the predictions) here")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = parser.parse_args()
@@ -273,6 +327,10 @@ def main():
         return
     if not args.ckpt:
         parser.error("give --ckpt PATH or --table DIR")
+    if not 0 <= args.samples <= 9:
+        raise common.UserError(f"--samples {args.samples}: must be 0 to 9 (per-problem counts are kept one digit each)")
+    if args.temperature <= 0:
+        raise common.UserError(f"--temperature {args.temperature}: must be above 0 (--samples 0 for greedy only)")
     if args.n is not None and args.n < 1:
         raise common.UserError(f"--n {args.n}: must be a positive integer (leave it out to evaluate every problem)")
     device = common.pick_device(args.device)
@@ -283,7 +341,8 @@ def main():
         ckpt = common.load_checkpoint(path)
         enc = data.tokenizer_from_dict(ckpt["tokenizer"])
         model = common.build_model(ckpt, device)
-        res = evaluate(model, enc, records, device, batch_size=args.batch_size, desc=os.path.basename(path))
+        res = evaluate(model, enc, records, device, batch_size=args.batch_size, desc=os.path.basename(path),
+                       samples=args.samples, temperature=args.temperature, seed=args.seed)
         res["active_params"], res["total_params"] = count_params(model)
         results[path] = {k: v for k, v in res.items() if k != "predictions"}
     print(f"{len(records)} problems from {args.data}")
@@ -296,9 +355,15 @@ def main():
         lo, hi = paired_interval([a], [b])
         points = 100 * (results[path]["acc"] - results[first]["acc"])
         results[path]["minus_first"] = dict(points=points, ci95=[lo, hi])
-        print(f"{path} minus {first}: {points:+.1f} points, "
+        print(f"{path} minus {first}: greedy {points:+.1f} points, "
               f"95% over these problems [{lo:+.1f}, {hi:+.1f}]; only it right: {sum(x > y for x, y in zip(a, b))}, "
               f"only the first right: {sum(x < y for x, y in zip(a, b))}")
+        if args.samples:
+            lo, hi = paired_interval([results[path]["correct_sampled"]], [results[first]["correct_sampled"]],
+                                     k=args.samples)
+            points = 100 * (results[path]["acc_sampled"] - results[first]["acc_sampled"])
+            results[path]["minus_first_sampled"] = dict(points=points, ci95=[lo, hi])
+            print(f"{path} minus {first}: sampled {points:+.1f} points, 95% over these problems [{lo:+.1f}, {hi:+.1f}]")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -222,7 +222,7 @@ def main():
     # report
     res = eval_math.evaluate(student, enc, test, device, desc="stage1 test")
     div = sum(expert_diversity(f, x.to(device)[:2000]) for f, x in zip(student.ffns, xs)) / len(xs)
-    metrics = dict(acc=res["acc"], per_subdomain=res["per_subdomain"], correct=res["correct"], val_loss=eval_math.lm_loss(student, enc, val, device),
+    metrics = dict(**eval_math.stored(res), val_loss=eval_math.lm_loss(student, enc, val, device),
                    val_loss_at_init=val_loss0, teacher_val_loss=eval_math.lm_loss(teacher, enc, val, device),
                    teacher_acc=tckpt["metrics"].get("acc"), kl_to_teacher=eval_math.kl_to_teacher(student, teacher, enc, val, device),
                    expert_diversity=div, routing_entropy=res["routing_entropy"], max_vio=res["max_vio"],

@@ -191,7 +191,7 @@ def main():
 
     res = eval_math.evaluate(student, enc, test, device, desc="stage2 test")
     active, total = count_params(student)
-    metrics = dict(acc=res["acc"], per_subdomain=res["per_subdomain"], correct=res["correct"], kl_to_teacher=kl_curve[-1][1],
+    metrics = dict(**eval_math.stored(res), kl_to_teacher=kl_curve[-1][1],
                    heldout_kl_curve=kl_curve, final_lambda=lam, routing_entropy=res["routing_entropy"],
                    max_vio=res["max_vio"], max_vio_per_layer=res["max_vio_per_layer"], expert_load=res["load"], heatmap=res["heatmap"],
                    active_params=active, total_params=total, seconds=round(time.time() - t0, 1))

@@ -156,7 +156,7 @@ def main():
             for p, a in zip(model.parameters(), avg):
                 p.copy_(a)
     res = eval_math.evaluate(model, enc, test, device)
-    metrics = dict(acc=res["acc"], per_subdomain=res["per_subdomain"], correct=res["correct"], val_loss=eval_math.lm_loss(model, enc, val, device),
+    metrics = dict(**eval_math.stored(res), val_loss=eval_math.lm_loss(model, enc, val, device),
                    active_params=active, total_params=total, train_seconds=round(train_time, 1))
     common.save_checkpoint(args.out, common.make_checkpoint(model, data.tokenizer_to_dict(enc), "teacher", args, metrics,
                                                             made_from={}))

@@ -152,3 +152,58 @@ def test_saved_dataset_folder(tmp_path):
     assert [r["answer"] for r in recs] == ["10", "11"]
     with pytest.raises(common.UserError, match="no field 'sol'"):
         em.load_records(str(folder), answer_field="sol", question_field="problem")
+
+
+# ----------------------------------------------------------------------------- sampled pass@1
+
+def _questions(n):
+    return [{"question": f"What is {i} + {2 * i}?", "answer": str(3 * i), "subdomain": "prealgebra"} for i in range(n)]
+
+
+def _even_is_right(monkeypatch):
+    """A random model is never right; grading a completion right when its characters' codes sum
+    to an even number gives both accuracies something to count, tied to the exact tokens generated."""
+    monkeypatch.setattr(em, "extract_answer", lambda text: text)
+    monkeypatch.setattr(em, "is_equiv", lambda pred, gold, unit=None: sum(map(ord, pred)) % 2 == 0)
+
+
+def test_sampled_pass_at_1_counts_each_problems_samples(tiny_ckpt, monkeypatch):
+    _even_is_right(monkeypatch)
+    ck = common.load_checkpoint(str(tiny_ckpt))
+    model, enc = common.build_model(ck, "cpu"), data.tokenizer_from_dict(ck["tokenizer"])
+    with torch.no_grad():  # a random model's greedy text is the same for every prompt; sharper, it is not
+        for p in model.parameters():
+            p.mul_(8)
+    recs = _questions(12)
+    # at a temperature near 0 every sample is the greedy continuation: k right or 0 per problem
+    cold = em.evaluate(model, enc, recs, torch.device("cpu"), batch_size=5, max_new_tokens=12, samples=3,
+                       temperature=1e-6)
+    assert cold["correct_sampled"] == "".join("3" if c == "1" else "0" for c in cold["correct"])
+    assert 0 < cold["acc"] < 1 and cold["acc_sampled"] == pytest.approx(cold["acc"])
+    warm = [em.evaluate(model, enc, recs, torch.device("cpu"), batch_size=5, max_new_tokens=12, samples=3, seed=s)
+            for s in (0, 0, 1)]
+    assert warm[0]["correct_sampled"] == warm[1]["correct_sampled"]  # same seed, same draws
+    assert warm[0]["correct_sampled"] != warm[2]["correct_sampled"]
+    assert warm[0]["acc_sampled"] == sum(map(int, warm[0]["correct_sampled"])) / 36
+    assert warm[0]["correct"] == cold["correct"]  # sampling leaves greedy alone
+    assert "acc_sampled" not in em.evaluate(model, enc, recs, torch.device("cpu"), max_new_tokens=4, samples=0)
+    with pytest.raises(ValueError):
+        em.evaluate(model, enc, recs, torch.device("cpu"), samples=10)
+
+
+def test_samples_flag_pairs_both_accuracies(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    _even_is_right(monkeypatch)
+    f = tmp_path / "q.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in _questions(6)), encoding="utf-8")
+    js = tmp_path / "r.json"
+    code, out, err = _main(monkeypatch, capsys, "--ckpt", tiny_ckpt, tiny_ckpt, "--data", f, "--samples", 2,
+                           "--json", js)
+    assert code == 0, err
+    res = json.loads(js.read_text())[str(tiny_ckpt)]
+    assert res["samples"] == 2 and len(res["correct_sampled"]) == 6 and set(res["correct_sampled"]) <= set("012")
+    assert "sampled" in out
+    for n, why in ((10, "--samples 10"), (-1, "--samples -1")):
+        code, out, err = _main(monkeypatch, capsys, "--ckpt", tiny_ckpt, "--data", f, "--samples", n)
+        assert code == 2 and err.count("\n") == 1 and why in err
+    code, out, err = _main(monkeypatch, capsys, "--ckpt", tiny_ckpt, "--data", f, "--temperature", 0)
+    assert code == 2 and "--temperature 0" in err
