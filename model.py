@@ -17,7 +17,8 @@ the teacher's FFN: the "decompression". The experts run through `moe_kernel.moe_
 
 After each forward pass the FFN modules keep what the PADD stages need:
   - MoE: `router_probs` [N, E] (with grad, for path losses) and `topk_idx` [N, k] (for load,
-    router shift and MaxVio);
+    router shift and MaxVio; under routing replay, `set_replay`, the replayed selection, and
+    `topk_natural` the router's own);
   - dense MLP, only while `record` is on: `rec_in`, `rec_act` (post-GELU, the teacher's path
     p_T is built from it) and `rec_out` (Stage I reconstructs it).
 
@@ -137,6 +138,10 @@ class MoE(nn.Module):
         # enters the gate values, so it balances load without changing what the router learns.
         self.register_buffer("select_bias", torch.zeros(E))
         self.record = False
+        # routing replay (R3): an [N, k] selection to use instead of the router's own, set by
+        # GPT.set_replay; the gates are still recomputed from this pass's router, so the router
+        # keeps its gradient
+        self.replay = None
 
     def forward(self, x):
         shape = x.shape
@@ -144,10 +149,12 @@ class MoE(nn.Module):
         logits = self.router(x).float()
         probs = logits.softmax(dim=-1)
         # softmax is monotone, so selecting on biased logits = selecting on biased scores
-        topk_idx = torch.topk(logits + self.select_bias, self.top_k, dim=-1).indices
+        natural = torch.topk(logits + self.select_bias, self.top_k, dim=-1).indices
+        topk_idx = natural if self.replay is None else self.replay
         gates = probs.gather(1, topk_idx)
         gates = gates / gates.sum(dim=-1, keepdim=True)
-        self.router_probs, self.topk_idx = probs, topk_idx
+        # topk_natural: what the router would pick, which replay overrides (the drift metrics)
+        self.router_probs, self.topk_idx, self.topk_natural = probs, topk_idx, natural
         y = moe_ffn(x, topk_idx, gates.to(x.dtype), self.w_in, self.w_out)
         if self.record:
             self.rec_in, self.rec_out = x, y
@@ -224,6 +231,11 @@ class GPT(nn.Module):
     def set_record(self, on):
         for ffn in self.ffns:
             ffn.record = on
+
+    def set_replay(self, topk_per_layer):
+        """Route the next passes with these [N, k] selections, one per layer (None: the router's own)."""
+        for i, ffn in enumerate(self.ffns):
+            ffn.replay = None if topk_per_layer is None else topk_per_layer[i]
 
     def forward(self, idx, targets=None, pos=None, cache=None, attn_mask=None):
         """idx [B, T] -> (logits [B, T, V], loss or None). targets == -1 are ignored."""

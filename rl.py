@@ -13,6 +13,7 @@ The updates run on length-sorted micro-batches (length_buckets, bucket) whose to
 divided by the whole batch's counts, so accumulated gradients are the full batch's.
 """
 
+import collections
 import math
 
 import torch
@@ -33,19 +34,47 @@ def importance_ratio(logp, logp_old, gamma=None):
     return rho if gamma is None else gamma * rho
 
 
-def clipped_surrogate(logp, logp_old, adv, clip, gamma=None):
-    """Per-token PPO/GRPO objective to *minimise*: -min(rho A, clip(rho) A), rho = gamma * ratio."""
+def sequence_logp(logp, logp_old, seq):
+    """GSPO's sequence-level ratio as per-token log-probs: logp_old + the mean over the token's
+    sequence (seq [N], its sample's id) of log pi_theta - log pi_old, so that
+    importance_ratio(result, logp_old) is s_i = (pi_theta(y_i) / pi_old(y_i))^(1/|y_i|) on every
+    token of sample i, and its gradient is the sequence's mean token gradient."""
+    _, inv = torch.unique(seq, return_inverse=True)
+    diff = logp - logp_old
+    sums = torch.zeros(int(inv.max()) + 1 if len(inv) else 0, dtype=diff.dtype, device=diff.device)
+    sums = sums.index_add(0, inv, diff)
+    mean = sums / torch.bincount(inv, minlength=len(sums)).to(diff.dtype)
+    return logp_old + mean[inv]
+
+
+def clipped_surrogate(logp, logp_old, adv, clip, gamma=None, clip_high=None):
+    """Per-token PPO/GRPO objective to *minimise*: -min(rho A, clip(rho) A), rho = gamma * ratio,
+    clipped to [1 - clip, 1 + clip_high] (clip_high None: clip; DAPO's clip-higher sets it larger)."""
     rho = importance_ratio(logp, logp_old, gamma)
-    return -torch.min(rho * adv, rho.clamp(1 - clip, 1 + clip) * adv)
+    hi = clip if clip_high is None else clip_high
+    return -torch.min(rho * adv, rho.clamp(1 - clip, 1 + hi) * adv)
 
 
-def clipped_tokens(logp, logp_old, adv, clip, gamma=None):
+def topk_changed(topk_new, topk_old):
+    """Per token, whether the top-k *set* differs (order ignored): [N, k] x [N, k] -> [N] bool."""
+    return (topk_new.sort(-1).values != topk_old.sort(-1).values).any(-1)
+
+
+def extreme_ratio(logp, logp_old, lo=0.5, hi=2.0):
+    """Per token, whether pi_theta / pi_old lies outside [lo, hi]: where off-policy samples
+    stop being corrections and start being noise."""
+    rho = torch.exp(logp.detach() - logp_old)
+    return (rho < lo) | (rho > hi)
+
+
+def clipped_tokens(logp, logp_old, adv, clip, gamma=None, clip_high=None):
     """Tokens on the clipped branch of the surrogate, which carry no policy gradient: A > 0 with
     rho > 1 + eps, A < 0 with rho < 1 - eps. Logged as clip_frac because it is where RSPO acts
     hardest: a gamma below the lower bound puts a token of negative advantage there whatever
     its ratio."""
     rho = importance_ratio(logp, logp_old, gamma).detach()
-    return ((adv > 0) & (rho > 1 + clip)) | ((adv < 0) & (rho < 1 - clip))
+    hi = clip if clip_high is None else clip_high
+    return ((adv > 0) & (rho > 1 + hi)) | ((adv < 0) & (rho < 1 - clip))
 
 
 def router_shift_weight(logg_new, logg_old, topk_old, gamma_min):
@@ -97,11 +126,30 @@ def bucket(ro, tok_adv, rows, T):
     pos = torch.isin(ro["sample_of_token"], rows).nonzero().squeeze(1)
     targets = ro["targets"][rows, :T]
     b = dict(pos=pos, idx=ro["idx"][rows, :T], targets=targets, mask=targets >= 0, valid=ro["valid"][rows, :T],
-             adv=tok_adv[pos])
+             adv=tok_adv[pos], seq=ro["sample_of_token"][pos])
+    if "topk_full" in ro:  # the rollout's selection at every position, for routing replay
+        b["replay"] = [t[rows, :T].reshape(-1, t.size(-1)) for t in ro["topk_full"]]
     if "logp_old" in ro:  # else the first update pass supplies them (policy_loss)
         b.update(logp_old=ro["logp_old"][pos], logg_old=[g[pos] for g in ro["logg_old"]],
                  topk_old=[k[pos] for k in ro["topk_old"]])
     return b
+
+
+class RolloutCopy:
+    """The policy the rollouts come from where it is not the updated policy itself: a copy `lag`
+    updates behind (asynchronous RL's staleness) and/or in bf16 (an inference engine's
+    precision), as large systems have it. Called before each rollout with the student, it keeps
+    the student's weights and loads those of `lag` calls ago (fewer at the start) into the copy;
+    `history` is what a resume file stores to go on with the same lag."""
+
+    def __init__(self, model, lag, dtype=torch.float32, history=()):
+        self.model = model.to(dtype)
+        self.history = collections.deque(history, maxlen=lag + 1)
+
+    def __call__(self, student):
+        self.history.append({k: v.detach().clone() for k, v in student.state_dict().items()})
+        self.model.load_state_dict(self.history[0])
+        return self.model
 
 
 def update_stats(diags, gamma_min):
@@ -111,6 +159,11 @@ def update_stats(diags, gamma_min):
     per-parameter normalisation undoes, so gamma_std says whether RSPO can act at all."""
     clipped = torch.cat([d["clipped"] for d in diags]).float()
     out = dict(gamma=1.0, gamma_std=0.0, gamma_floor=0.0, clip_frac=float(clipped.mean()))
+    if "topk_changed" in diags[0]:  # the drift of the updated policy from the rollout's
+        n = sum(len(d["extreme"]) for d in diags)
+        out.update(topk_changed=float(torch.cat([d["topk_changed"] for d in diags]).mean()),
+                   extreme_ratio=float(torch.cat([d["extreme"] for d in diags]).float().mean()),
+                   rs_samples=sum(d["shift"] for d in diags) / max(1, n))
     if diags[0]["gamma"] is not None:
         g = torch.cat([d["gamma"] for d in diags]).float()
         out.update(gamma=float(g.mean()), gamma_std=float(g.std(unbiased=False)),

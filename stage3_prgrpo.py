@@ -1,68 +1,65 @@
 """
-Stage III: path-refined policy optimisation (PR-GRPO) of the MoE student.
+Stage III: path-refined policy optimisation (PR-GRPO) of the MoE student, beside the field's
+MoE-RL baselines, all sharing one loop.
 
-GRPO with the grader as a verifiable reward. Each step samples G continuations of each of P
-training prompts from the current student (KV cache) and grades them:
+Each step samples G continuations of each of P training prompts (KV cache), grades them, and
+makes mu full-batch AdamW steps on the same rollouts (policy_loss below):
 
-    r_i = 1[grader.is_equiv(extract_answer(text_i), gold)]               the grader IS the reward
-    A_i = (r_i - mean_group(r)) / (std_group(r) + eps)                   rl.group_advantages
-
-then makes mu full-batch AdamW steps on the same rollouts, each minimising over the batch's
-completion tokens t (policy_loss below):
-
+    r_i   = 1[grader.is_equiv(extract_answer(text_i), gold)]             the grader IS the reward
+    A_i   = (r_i - mean_group(r)) / (std_group(r) + eps)                 rl.group_advantages
     rho_t = gamma_t * pi_theta(y_t) / pi_old(y_t)
-    L_pg  = -mean_t min(rho_t A_i, clip(rho_t, 1 - epsilon, 1 + epsilon) A_i)    rl.clipped_surrogate
+    L_pg  = -mean_t min(rho_t A_i, clip(rho_t, 1 - epsilon, 1 + epsilon_high) A_i)   rl.clipped_surrogate
 
-`--algo` picks gamma_t and the extra terms:
+`--algo` picks the ratio, the routing of the updates and gamma_t:
 - grpo:   gamma_t = 1.
+- gspo:   GSPO's sequence ratio s_i = (pi_theta(y_i) / pi_old(y_i))^(1/|y_i|) on every token of
+          sample i (rl.sequence_logp), clipped at its paper's 3e-4 / 4e-4.
+- r3:     grpo whose updates route with the rollout's top-k selection (rollout routing replay,
+          model.GPT.set_replay); the gates are recomputed, so the router still learns.
 - rspo:   RSPO's router-shift weight, per token, no gradient (rl.router_shift_weight):
               gamma_t = sg(max(gamma_min, exp(-mean_l mean_{e in TopK_old} |log g_theta(e|x_t) - log g_old(e|x_t)|)))
 - prgrpo: rspo's gamma_t plus the path refinement *(our reading of the paper)*:
-              + w_anchor  * mean_l mean_t sum_e |g_theta(e|x_t) - g_old(e|x_t)|      anchor the router
-              + w_align   * mean_l mean_{t in A>0} KL(p_T(.|x_t) || g_theta(.|x_t))  follow T's path (losses.path_kl)
-              + w_distill * mean_t KL(T || S)                                        Stage II kept on, small
-              + w_gold    * mean over the step's gold-solution tokens of -log pi_theta (losses.gold_ce)
+              + w_anchor * mean_l mean_t sum_e |g_theta(e|x_t) - g_old(e|x_t)|      anchor the router
+              + w_align  * mean_l mean_{t in A>0} KL(p_T(.|x_t) || g_theta(.|x_t))  follow T's path (losses.path_kl)
           p_T is the teacher's path from the Stage I clusters (losses.teacher_paths).
+Every algorithm keeps the same two Stage II terms, so a comparison measures the algorithms:
+    + w_distill * mean_t KL(T || S)  +  w_gold * mean over the prompts' gold-solution tokens of -log pi_theta
 
-Every `rs_every` steps (a preset value) the router's distributions G_u on a fixed probe batch
-(validation prompts + gold solutions, teacher-forced) are compared with the previous probe,
-RS(u, u') = mean_l E_t sum_j |G_u(x_t)_j - G_u'(x_t)_j| (rl.router_shift), and logged as
-`router_shift`: the paper's Figures 4 and 5. Stage IV (stage4_balance.py) is this loop plus a
-per-sample balance reward and a selection-only router bias.
+The rollout/update mismatch of large systems, off by default, for every algorithm (rl.RolloutCopy):
+`--lag N` samples from a copy of the policy N updates old (asynchronous RL), `--rollout-dtype
+bf16` from a bf16 copy (an inference engine's precision); the updates stay on the fp32 policy.
+Without them the old policy's values are the first pass's own, detached: it runs at the
+rollout's weights, so its ratio and gamma are exactly 1 and no extra forward is needed.
 
-Defaults, chosen on the 500 validation problems over seeds 0-2 (the runs: docs/journal.md):
-- --lr 3e-5, cosine to 10% (--lr-final 0.1): above Stage II on every seed; 1e-4, 5e-5, 2e-5 lower.
-- 32 steps x 16 prompts x G 8: the study's time budget; 40 steps measured within noise of it.
-- --mu 2: at mu 4 and 8 GRPO and RSPO lost accuracy and RSPO's gamma still stayed within 1% of 1.
-- --epsilon 0.2: the spec's (PPO's) clip range.
-- --gamma-min 0.5: RSPO's floor; it never binds here (gamma stays within 1% of 1).
-- --temperature 1: 0.7 and 0.5 left more groups uniform and did not move accuracy.
-- --w-gold 1 (prgrpo only): +0.8 points on every seed over 0; 3 was no better.
-- --w-anchor 0.5, --w-align 0.05, --w-distill 0.05: our reading, not swept, except that
-  --w-distill 0.3 and 1 measured no better.
+Logged every step (the drift of the updated policy from the one that sampled): on the step's
+own tokens, the share whose top-k set differs from the rollout's (`topk_changed`), whose ratio
+lies outside [0.5, 2] (`extreme_ratio`) and the mean router shift (`rs_samples`); on a fixed
+probe batch every rs_every steps, RS(u, u') = mean_l E_t sum_j |G_u(x_t)_j - G_u'(x_t)_j|
+(rl.router_shift, `router_shift`), the paper's Figures 4 and 5. Stage IV (stage4_balance.py) is
+this loop plus a balance reward and a selection-only router bias.
+
+Defaults (the measurements behind each: docs/journal.md):
+- --lr 3e-5, cosine to 10%: higher lrs lowered greedy pass@1 (1e-4: -1.3, 3e-4 constant: -3.7).
+- 32 steps x 16 prompts x G 8: the study's time budget (~1 min here); 64 prompts x 16 steps
+  moves sampled pass@1 by +0.6 [-0.4, +1.6] only, at 3.5 times the cost.
+- --mu 2, --epsilon 0.2 (PPO's), gamma_min 0.5 (RSPO's floor), temperature 1: the spec's.
+- --w-gold 1: +0.8 greedy points over 0; --w-distill 0.05; --w-anchor 0.5, --w-align 0.05: our reading.
 
 Deviations from the paper (simplifications at small scale):
-1. mu full-batch updates per rollout, not many minibatch updates: with minibatches RSPO's gamma
-   still stayed within 1% of 1 and every algorithm lost accuracy.
-2. The old policy's log-probs and routing are the first update pass's own, detached: that pass
-   runs at the weights that sampled the rollout, so ratio and gamma are exactly 1 and the anchor
-   exactly 0 on it, and no extra forward is needed (Stage IV, whose bias moves between rollout
-   and update, takes one: rollout(record_old=True)).
-3. No KL to a reference model (measured neutral at this budget) and no format reward (the spec
-   allows a small one; it was never run here).
-4. The gold cross-entropy is our addition (Stage II's, see stage2_distill.py), for prgrpo only:
-   GRPO and RSPO run as their papers have them.
-5. Prompts come from the suite's training split (subdomain first, then a problem); evaluation
-   is greedy pass@1 on the test split.
+1. mu full-batch updates per rollout, not many minibatch updates: minibatches cost accuracy
+   and still left RSPO's gamma within 1% of 1.
+2. No KL to a reference model and no format reward (the spec allows a small one).
+3. The gold cross-entropy is our addition (Stage II's, see stage2_distill.py).
+4. Prompts come from the suite's training split (subdomain first, then a problem); evaluation
+   is greedy and sampled pass@1 (eval_math.evaluate) on the test split.
 
-The updates run on length-sorted micro-batches of about `--micro-tokens` padded tokens
-(rl.length_buckets), gradients accumulated; every term is a sum over tokens divided by the
-whole batch's count, so the step is the full batch's. Under torchrun the prompts are split over
-ranks (a group never straddles ranks, so the advantages need no gather), every term is weighted
-to the global batch (common.global_weight), expert loads are summed and gradients averaged.
+The updates run on length-sorted micro-batches (rl.length_buckets), gradients accumulated;
+every term is a sum over tokens divided by the whole batch's count, so the step is the full
+batch's. Under torchrun the prompts are split over ranks (a group never straddles ranks), every
+term is weighted to the global batch (common.global_weight) and gradients are averaged.
 
     python stage3_prgrpo.py --in out/default/stage2.pt --out out/default/stage3.pt --algo prgrpo
-    torchrun --standalone --nproc_per_node=2 stage3_prgrpo.py --in out/default/stage2.pt --out out/default/stage3.pt
+    python stage3_prgrpo.py --algo r3 --lag 2 --rollout-dtype bf16 --out out/default/stage3_r3.pt
 """
 
 import argparse
@@ -78,13 +75,17 @@ import eval_math
 import grader
 from losses import gold_ce, path_kl, teacher_paths, token_kl_loss
 from model import count_params
-from rl import (bucket, clipped_surrogate, clipped_tokens, expert_share, group_advantages, length_buckets,
-                router_shift, router_shift_weight, token_logprobs, update_stats)
+from rl import (RolloutCopy, bucket, clipped_surrogate, clipped_tokens, expert_share, extreme_ratio, group_advantages,
+                length_buckets, router_shift, router_shift_weight, sequence_logp, token_logprobs, topk_changed,
+                update_stats)
 
 PRESETS = {
-    "tiny": dict(steps=4, prompts=4, group=4, n_probe=16, n_test=42, rs_every=1, micro_tokens=2048),
-    "default": dict(steps=32, prompts=16, group=8, n_probe=64, n_test=700, rs_every=2, micro_tokens=2048),
-    "gpu": dict(steps=200, prompts=64, group=8, n_probe=128, n_test=700, rs_every=5, micro_tokens=32768),
+    "tiny": dict(steps=4, prompts=4, group=4, n_probe=16, n_test=42, rs_every=1, micro_tokens=2048,
+                 max_new=96, gamma_min=0.5),
+    "default": dict(steps=32, prompts=16, group=8, n_probe=64, n_test=700, rs_every=1, micro_tokens=2048,
+                    max_new=96, gamma_min=0.5),
+    "gpu": dict(steps=200, prompts=64, group=8, n_probe=128, n_test=700, rs_every=5, micro_tokens=32768,
+                max_new=96, gamma_min=0.5),
 }
 
 
@@ -93,7 +94,8 @@ def make_parser(description, stage, inp, out):
     p.add_argument("--in", dest="inp", default=inp, help="the student checkpoint to start from")
     p.add_argument("--teacher", help="the dense teacher (default: teacher.pt beside --in)")
     p.add_argument("--out", default=out, help="where to write the student checkpoint")
-    p.add_argument("--algo", choices=["grpo", "rspo", "prgrpo"], default="prgrpo", help="policy-optimisation variant")
+    p.add_argument("--algo", choices=["grpo", "gspo", "r3", "rspo", "prgrpo"], default="prgrpo",
+                   help="policy-optimisation variant (see the docstring)")
     p.add_argument("--preset", choices=PRESETS, default="default", help="budget preset")
     p.add_argument("--steps", type=int, help="rollout steps (preset if unset)")
     p.add_argument("--prompts", type=int, help="prompts per rollout step (preset if unset)")
@@ -102,16 +104,19 @@ def make_parser(description, stage, inp, out):
     p.add_argument("--lr", type=float, default=3e-5, help="peak learning rate")
     p.add_argument("--lr-final", type=float, default=0.1,
                    help="cosine decay of the lr to this fraction of --lr by the last step (1 = constant)")
-    p.add_argument("--epsilon", type=float, default=0.2, help="clip range of the surrogate: rho in [1 - eps, 1 + eps]")
+    p.add_argument("--epsilon", type=float, help="lower clip range: rho >= 1 - epsilon (default 0.2; gspo 3e-4)")
+    p.add_argument("--epsilon-high", type=float, help="upper clip range: rho <= 1 + epsilon_high (default: "
+                   "--epsilon; gspo 4e-4)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
-    p.add_argument("--max-new", type=int, default=96, help="longest continuation sampled")
-    p.add_argument("--gamma-min", type=float, default=0.5, help="floor of the router-shift weight (rspo, prgrpo)")
+    p.add_argument("--lag", type=int, default=0,
+                   help="rollouts from a copy of the policy this many steps old (asynchronous RL's staleness)")
+    p.add_argument("--rollout-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="precision of the rollout copy's weights and activations (bf16: an inference engine's)")
     p.add_argument("--w-anchor", type=float, default=0.5, help="prgrpo: weight of the router-shift penalty")
     p.add_argument("--w-align", type=float, default=0.05, help="prgrpo: weight of KL(p_T || g_S) on A > 0 samples")
-    p.add_argument("--w-distill", type=float, default=0.05, help="prgrpo: weight of the kept Stage II KL(T || S)")
+    p.add_argument("--w-distill", type=float, default=0.05, help="weight of the kept Stage II KL(T || S), every algo")
     p.add_argument("--w-gold", type=float, default=1.0,
-                   help="prgrpo: weight of the kept Stage II cross-entropy on the step's prompts' gold solutions")
-    p.add_argument("--micro-tokens", type=int, help="padded tokens per micro-batch of the updates (preset if unset)")
+                   help="weight of the kept Stage II cross-entropy on the step's prompts' gold solutions, every algo")
     common.add_run_args(p)
     p.set_defaults(stage=stage, w_aux=0.0)  # w_aux: the Switch loss, a flag of Stage IV's --balance aux
     return p
@@ -119,7 +124,7 @@ def make_parser(description, stage, inp, out):
 
 # what each flag may be (common.check_args); G = 1 would give every sample advantage 0
 LIMITS = dict(steps=(1, None), prompts=(1, None), group=(2, None), mu=(1, None), lr=(0, None), lr_final=(0, 1),
-              epsilon=(0, None), temperature=(1e-6, None), max_new=(1, None), gamma_min=(0, 1), w_anchor=(0, None),
+              epsilon=(0, 1), epsilon_high=(0, None), temperature=(1e-6, None), lag=(0, None), max_new=(1, None), gamma_min=(0, 1), w_anchor=(0, None),
               w_align=(0, None), w_distill=(0, None), w_gold=(0, None), micro_tokens=(1, None), n_probe=(1, None),
               rs_every=(1, None), w_aux=(0, None), alpha=(0, None), bias_rate=(0, None), calibrate=(0, None))
 
@@ -136,9 +141,15 @@ def policy_loss(student, b, args, counts):
     Under torchrun each count is this rank's, and counts["weight"][k], its common.global_weight
     (absent: 1, one process), turns the rank's mean into its share of the global batch's mean
     once gradients are averaged over ranks.
-    Returns (loss, diagnostics: gamma per token or None, and the clipped_tokens mask)."""
-    with common.autocast(b["idx"].device):
-        logits, _ = student(b["idx"])
+    Returns (loss, diagnostics: gamma per token or None, and per-token masks: clipped, the
+    top-k set changed since the rollout, the ratio outside [0.5, 2]; and the router shift sum)."""
+    # r3 routes with the rollout's selection; the first pass records it where the rollout did not
+    student.set_replay(b.get("replay") if args.algo == "r3" else None)
+    try:
+        with common.autocast(b["idx"].device):
+            logits, _ = student(b["idx"])
+    finally:
+        student.set_replay(None)
     mflat = b["mask"].flatten()
     logp = token_logprobs(logits, b["targets"], args.temperature)
     logg = [f.router_probs[mflat].clamp(min=1e-9).log() for f in student.ffns]
@@ -148,6 +159,8 @@ def policy_loss(student, b, args, counts):
         # rollout needs no forward of its own
         b.update(logp_old=logp.detach(), logg_old=[lg.detach() for lg in logg],
                  topk_old=[f.topk_idx[mflat] for f in student.ffns])
+        if args.algo == "r3":
+            b["replay"] = [f.topk_idx.detach() for f in student.ffns]
 
     def count(k):  # the global batch's count of k over the world size: this rank's divisor
         return counts[k] / counts.get("weight", {}).get(k, 1.0)
@@ -156,17 +169,20 @@ def policy_loss(student, b, args, counts):
     gamma = None
     if args.algo in ("rspo", "prgrpo"):
         gamma = router_shift_weight(logg, b["logg_old"], b["topk_old"], args.gamma_min)
-    loss = clipped_surrogate(logp, b["logp_old"], b["adv"], args.epsilon, gamma).sum() / n
+    # gspo: one ratio per sequence, (pi_theta / pi_old)^(1/|y|), given to each of its tokens
+    logp_pg = sequence_logp(logp, b["logp_old"], b["seq"]) if args.algo == "gspo" else logp
+    eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    loss = clipped_surrogate(logp_pg, b["logp_old"], b["adv"], args.epsilon, gamma, eps_high).sum() / n
+    shift = sum((lg.exp() - lo.exp()).abs().sum() for lg, lo in zip(logg, b["logg_old"])) / L
     if args.algo == "prgrpo":
         if args.w_anchor > 0:
-            anchor = sum((lg.exp() - lo.exp()).abs().sum() for lg, lo in zip(logg, b["logg_old"])) / (L * n)
-            loss = loss + args.w_anchor * anchor
+            loss = loss + args.w_anchor * shift / n
         good = b["adv"] > 0
         if args.w_align > 0 and good.any():
             align = sum(path_kl(p[good], lg[good].exp()).sum() for p, lg in zip(b["p_t"], logg)) / (L * count("good"))
             loss = loss + args.w_align * align
-        if args.w_distill > 0:
-            loss = loss + args.w_distill * token_kl_loss(b["t_logits"], logits[b["mask"]], beta=0.0).sum() / n
+    if args.w_distill > 0:
+        loss = loss + args.w_distill * token_kl_loss(b["t_logits"], logits[b["mask"]], beta=0.0).sum() / n
     if args.w_aux > 0:
         # Switch loss E sum_e f_e P_e: f_e is the whole batch's (counts["share"]), and P_e, a mean
         # of router probabilities over the batch's valid tokens, splits into per-bucket sums
@@ -174,8 +190,10 @@ def policy_loss(student, b, args, counts):
         aux = sum(f.router_probs.size(-1) * (share * f.router_probs[vflat].sum(0)).sum()
                   for share, f in zip(counts["share"], student.ffns))
         loss = loss + args.w_aux * aux / count("valid")
-    clipped = clipped_tokens(logp, b["logp_old"], b["adv"], args.epsilon, gamma)
-    return loss, dict(gamma=gamma, clipped=clipped)
+    changed = torch.stack([topk_changed(f.topk_natural[mflat], k) for f, k in zip(student.ffns, b["topk_old"])])
+    return loss, dict(gamma=gamma, clipped=clipped_tokens(logp_pg, b["logp_old"], b["adv"], args.epsilon, gamma, eps_high),
+                      topk_changed=changed.float().mean(0), extreme=extreme_ratio(logp, b["logp_old"]),
+                      shift=float(shift.detach()))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -215,6 +233,8 @@ def rollout(student, enc, batch, args, gen, device, record_old=True):
                   topk_old=[f.topk_idx[mflat] for f in student.ffns],
                   # every routed token, prompt included: the load that inference pays for
                   topk_all=[f.topk_idx[valid.flatten()] for f in student.ffns])
+        if args.algo == "r3":  # every position's selection, prompt included, to replay
+            ro["topk_full"] = [f.topk_idx.view(*idx.shape, -1) for f in student.ffns]
     student.train()
     return ro
 
@@ -231,6 +251,10 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
     Stage III's step (its steps + s), as one pipeline running on would (Stage IV); otherwise
     Stage IV's steps would replay the prompts of Stage III's first steps.
     """
+    if args.epsilon is None:  # GSPO's ratio is a per-token geometric mean: its paper clips at 3e-4 / 4e-4
+        args.epsilon = 3e-4 if args.algo == "gspo" else 0.2
+    if args.epsilon_high is None and args.algo == "gspo":
+        args.epsilon_high = 4e-4
     device, log = common.setup(args, PRESETS, args.stage, LIMITS)
     sckpt = common.load_checkpoint(args.inp, kind="moe")
     after = sckpt["args"].get("steps", 0) if continue_stream and sckpt["stage"] == "stage3" else 0
@@ -256,12 +280,23 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
     # not run at the rollout's weights and routing: in Stage IV (its bias moves between the
     # rollout and the updates, and its reward reads the rollout's routing).
     record_old = advantages is not None or after_rollout is not None
+    # The rollout/update mismatch of large systems (--lag, --rollout-dtype): the rollouts come
+    # from a copy of the policy, `lag` steps old and/or in bf16, whose own log-probs and routing
+    # are the old policy's; the updates run on the policy itself, in fp32.
+    copy = None
+    if args.lag > 0 or args.rollout_dtype == "bf16":
+        copy = RolloutCopy(common.build_model(sckpt, device), args.lag,
+                           torch.bfloat16 if args.rollout_dtype == "bf16" else torch.float32, state.get("lag_history", []))
+        record_old = True
     t0 = time.time()
     if before_loop is not None and start == 0:
         before_loop(student, enc, sample, device, log)
     g_prev = state.get("g_prev") or probe_router(student, probe_idx, probe_valid)
     shifts = state.get("shifts", [])
     rewards_curve = state.get("rewards_curve", [])
+    # per step: the probe's router shift (every rs_every steps, else None) and, on the step's own
+    # samples, the updated policy's drift from the rollout's, mean over the mu passes
+    drift = state.get("drift") or {k: [] for k in ("step", "router_shift", "topk_changed", "extreme_ratio", "rs_samples")}
     pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.stage} {args.algo}",
                 disable=not common.is_main())
     for step in pbar:
@@ -272,9 +307,9 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
         # on one rank, so the group statistics of the advantage are exact without a gather
         batch = common.shard([sample(rng) for _ in range(args.prompts)])
         gen.manual_seed(stream + step + 7919 * common.rank())  # ranks sample apart
-        ro = rollout(student, enc, batch, args, gen, device, record_old)
+        ro = rollout(student if copy is None else copy(student), enc, batch, args, gen, device, record_old)
         gold = None
-        if args.algo == "prgrpo" and args.w_gold > 0:
+        if args.w_gold > 0:
             gold = common.pad_batch(*zip(*[data.encode_example(enc, ex) for ex in batch]), device)[:2]
         rewards = ro["rewards"]
         adv = (group_advantages(rewards, args.group) if advantages is None else advantages(student, ro)).to(device)
@@ -283,7 +318,7 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
         lengths = ro["valid"].sum(1).tolist()
         buckets = [bucket(ro, tok_adv, rows.to(device), T) for rows, T in length_buckets(lengths, args.micro_tokens)]
         for b in buckets:
-            if args.algo == "prgrpo" and (args.w_align > 0 or args.w_distill > 0):
+            if args.w_distill > 0 or (args.algo == "prgrpo" and args.w_align > 0):
                 with common.autocast(device):
                     t_logits, p_t, _ = teacher_paths(teacher, b["idx"], clusters)
                 b["t_logits"], b["p_t"] = t_logits[b["mask"]], [p[b["mask"].flatten()] for p in p_t]
@@ -292,6 +327,7 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
             counts["weight"] = {k: common.global_weight(counts[k], device) for k in ("tokens", "good", "valid")}
         if after_rollout is not None:
             after_rollout(student, ro)
+        passes = []
         for _ in range(args.mu):
             if args.w_aux > 0:
                 counts["share"] = expert_share(student, buckets)
@@ -310,9 +346,10 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
                 (args.w_gold * l_gold).backward()
                 loss += args.w_gold * l_gold.detach()
             common.optimizer_step(student, opt)
-            stats = dict(loss=float(loss), **update_stats(diags, args.gamma_min))
+            passes.append(dict(loss=float(loss), **update_stats(diags, args.gamma_min)))
             if l_gold is not None:
-                stats["loss_gold"] = float(l_gold.detach())
+                passes[-1]["loss_gold"] = float(l_gold.detach())
+        stats = {k: sum(p[k] for p in passes) / len(passes) for k in passes[0]}  # mean over the mu passes
         # uniform groups: every sample equally right (or wrong), so no correctness signal (DAPO's
         # zero-variance groups); Stage IV's balance term is then all their advantage carries
         c = ro["correct"].view(-1, args.group)
@@ -330,22 +367,27 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
             rec["router_shift"] = router_shift(g_now, g_prev)
             shifts.append((step + 1, rec["router_shift"]))
             g_prev = g_now
+        for k, v in (("step", step + 1), ("router_shift", rec.get("router_shift")), ("topk_changed", stats["topk_changed"]),
+                     ("extreme_ratio", stats["extreme_ratio"]), ("rs_samples", stats["rs_samples"])):
+            drift[k].append(v)
         if "load" in ro:
             rec["max_vio_batch"] = float(eval_math.max_vio(ro["load"]).mean())
         common.append_jsonl(log, rec)
         pbar.set_postfix(acc=f"{acc:.2f}", rs=f"{shifts[-1][1]:.4f}" if shifts else "-")
         if (step + 1) % 10 == 0 and step + 1 < args.steps:
             common.save_resume(args, student, opt, step + 1, sckpt["tokenizer"], g_prev=g_prev, shifts=shifts,
-                               rewards_curve=rewards_curve, made_from=inputs)
+                               rewards_curve=rewards_curve, drift=drift, made_from=inputs,
+                               lag_history=list(copy.history) if copy is not None else [])
 
     res = eval_math.evaluate(student, enc, test, device, desc=f"{args.stage} test")
     active, total = count_params(student)
     last = [s for u, s in shifts if u > 2 * args.steps / 3] or [s for _, s in shifts]
-    metrics = dict(acc=res["acc"], per_subdomain=res["per_subdomain"], correct=res["correct"], algo=args.algo,
+    metrics = dict(**eval_math.stored(res), algo=args.algo,
                    kl_to_teacher=eval_math.kl_to_teacher(student, teacher, enc, val[:200], device),
                    routing_entropy=res["routing_entropy"], max_vio=res["max_vio"], max_vio_per_layer=res["max_vio_per_layer"], expert_load=res["load"],
                    heatmap=res["heatmap"], router_shift=sum(last) / max(1, len(last)), router_shift_curve=shifts,
-                   train_acc_curve=rewards_curve, active_params=active, total_params=total,
+                   train_acc_curve=rewards_curve, drift_curve=drift, lag=args.lag, rollout_dtype=args.rollout_dtype,
+                   active_params=active, total_params=total,
                    seconds=round(time.time() - t0, 1))
     common.save_checkpoint(args.out, common.make_checkpoint(student, sckpt["tokenizer"], args.stage, args, metrics,
                                                             clusters=sckpt["clusters"], made_from=inputs))

@@ -84,8 +84,9 @@ def test_logs_and_table(smoke):
     rs = [l for l in map(json.loads, open(d / "stage3.jsonl")) if "router_shift" in l]
     assert rs and all(l["router_shift"] >= 0 for l in rs)
     assert (d / "stage1_heatmap.png").stat().st_size > 0
-    last = out.strip().splitlines()[-len(STAGES):]  # eval_math --table: one row per checkpoint
-    assert [row.split()[0] for row in last] == STAGES
+    *rows, legend = out.strip().splitlines()[-len(STAGES) - 1:]  # eval_math --table: a row per checkpoint
+    assert [row.split()[0] for row in rows] == STAGES
+    assert legend.startswith("acc: greedy pass@1; sampled: pass@1 of")
 
 
 def test_eval_cli_pairs_later_checkpoints_with_the_first(smoke, tmp_path):
@@ -203,11 +204,34 @@ def test_policy_gradient_raises_the_reward_it_is_given(smoke, tmp_path, algo, ex
         return group_advantages(-n, args.group)
 
     args = s3.parser.parse_args(["--preset", "tiny", "--algo", algo, "--steps", "8", "--lr", "3e-3", "--lr-final", "1",
-                                 "--max-new", "32", "--n-test", "2", "--in", str(d / "stage2.pt"), "--device", "cpu",
+                                 "--n-test", "2", "--in", str(d / "stage2.pt"), "--device", "cpu",
                                  "--out", str(tmp_path / "s3.pt"), "--log", str(tmp_path / "s3.jsonl"), *extra])
+    args.max_new = 32  # a preset value: shorter than the tiny preset's, so that 8 steps show the trend
     s3.train(args, advantages=advantages)
     assert len(lengths) == 8
     assert sum(lengths[-3:]) / 3 < 0.5 * lengths[0], lengths
+
+
+@pytest.mark.parametrize("algo", ["gspo", "r3"])
+def test_the_mismatch_runs_and_every_step_logs_the_drift(smoke, tmp_path, algo):
+    """--lag and --rollout-dtype through the real loop: rollouts from a bf16 copy one update
+    behind, so the first pass's ratio is no longer exactly 1; the drift metrics of every step
+    are stored, and the probe's router shift every rs_every steps."""
+    import stage3_prgrpo as s3
+    d, _ = smoke
+    out = tmp_path / "s3.pt"
+    s3.train(s3.parser.parse_args(["--preset", "tiny", "--algo", algo, "--steps", "3", "--lag", "1", "--rollout-dtype",
+                                   "bf16", "--n-test", "2", "--in", str(d / "stage2.pt"), "--device", "cpu",
+                                   "--out", str(out), "--log", str(tmp_path / "s3.jsonl")]))
+    m = load(out)["metrics"]
+    assert m["lag"] == 1 and m["rollout_dtype"] == "bf16"
+    drift = m["drift_curve"]
+    assert drift["step"] == [1, 2, 3]
+    for k in ("topk_changed", "extreme_ratio", "rs_samples", "router_shift"):
+        assert len(drift[k]) == 3 and all(v is not None and 0 <= v <= 2 for v in drift[k]), (k, drift[k])
+    assert sum(drift["rs_samples"]) > 0  # bf16 routing is not fp32's
+    steps = [r for r in map(json.loads, open(tmp_path / "s3.jsonl")) if not r.get("final")]
+    assert [r["topk_changed"] for r in steps] == drift["topk_changed"]
 
 
 def test_stage3_gold_term_lowers_the_gold_cross_entropy(smoke, tmp_path):

@@ -282,7 +282,7 @@ def small_rollout(moved=True):
     return model, ro
 
 
-@pytest.mark.parametrize("algo", ["grpo", "rspo", "prgrpo"])
+@pytest.mark.parametrize("algo", ["grpo", "gspo", "r3", "rspo", "prgrpo"])
 def test_bucketed_policy_loss_has_the_full_batch_gradient(algo):
     # the updates run on length-sorted micro-batches; their summed gradient must be the one
     # the whole padded batch gives (the slow reference: one bucket holding every row)
@@ -290,7 +290,7 @@ def test_bucketed_policy_loss_has_the_full_batch_gradient(algo):
     valid, n = ro["valid"], len(ro["logp_old"])
     tok_adv = torch.randn(valid.size(0))[ro["sample_of_token"]]
     extra = dict(t_logits=torch.randn(n, 64), p_t=[torch.softmax(torch.randn(n, 4), -1) for _ in range(2)])
-    args = argparse.Namespace(algo=algo, gamma_min=0.5, epsilon=0.2, w_anchor=0.5,
+    args = argparse.Namespace(algo=algo, gamma_min=0.5, epsilon=0.2, epsilon_high=None, w_anchor=0.5,
                               w_align=0.3, w_distill=0.2, w_aux=0.4, temperature=1.0)
     counts = dict(tokens=n, good=int((tok_adv > 0).sum()), valid=int(valid.sum()))
 
@@ -318,14 +318,14 @@ def test_bucketed_policy_loss_has_the_full_batch_gradient(algo):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("algo", ["grpo", "rspo", "prgrpo"])
+@pytest.mark.parametrize("algo", ["grpo", "gspo", "r3", "rspo", "prgrpo"])
 def test_first_pass_stands_in_for_the_rollout_forward(algo):
     # Stage III takes the old policy's values from the first update pass instead of a forward
     # of its own: at the rollout's weights that must give the same loss and gradient
     model, ro = small_rollout(moved=False)
     n = len(ro["logp_old"])
     tok_adv = torch.randn(ro["valid"].size(0), generator=torch.Generator().manual_seed(1))[ro["sample_of_token"]]
-    args = argparse.Namespace(algo=algo, gamma_min=0.5, epsilon=0.2, w_anchor=0.0,
+    args = argparse.Namespace(algo=algo, gamma_min=0.5, epsilon=0.2, epsilon_high=None, w_anchor=0.0,
                               w_align=0.0, w_distill=0.0, w_aux=0.0, temperature=1.0)
     counts = dict(tokens=n, good=int((tok_adv > 0).sum()), valid=int(ro["valid"].sum()))
     bare = {k: v for k, v in ro.items() if k not in ("logp_old", "logg_old", "topk_old")}
@@ -359,7 +359,7 @@ def test_ranks_weighted_shares_average_to_the_global_batch_loss(algo):
     valid, n = ro["valid"], len(ro["logp_old"])
     tok_adv = torch.randn(valid.size(0), generator=torch.Generator().manual_seed(2))[ro["sample_of_token"]]
     extra = dict(t_logits=torch.randn(n, 64), p_t=[torch.softmax(torch.randn(n, 4), -1) for _ in range(2)])
-    args = argparse.Namespace(algo=algo, gamma_min=0.5, epsilon=0.2, w_anchor=0.5,
+    args = argparse.Namespace(algo=algo, gamma_min=0.5, epsilon=0.2, epsilon_high=None, w_anchor=0.5,
                               w_align=0.3, w_distill=0.2, w_aux=0.4, temperature=1.0)
 
     def buckets_of(rows):
@@ -413,7 +413,7 @@ def test_bucketed_switch_loss_is_the_full_batch_switch_loss():
     model, ro = small_rollout()
     valid = ro["valid"]
     tok_adv = torch.zeros(len(ro["logp_old"]))  # A = 0: the surrogate is 0, the loss is the Switch term
-    args = argparse.Namespace(algo="grpo", epsilon=0.2, w_aux=1.0, temperature=1.0)
+    args = argparse.Namespace(algo="grpo", epsilon=0.2, epsilon_high=None, w_distill=0.0, w_aux=1.0, temperature=1.0)
     buckets = [bucket(ro, tok_adv, rows, T) for rows, T in length_buckets(valid.sum(1).tolist(), 40)]
     counts = dict(tokens=len(tok_adv), good=0, valid=int(valid.sum()), share=expert_share(model, buckets))
     got = sum(policy_loss(model, b, args, counts)[0] for b in buckets)
