@@ -1,26 +1,28 @@
 """
 The ablation study: PADD against its baselines and against itself with each stage taken out,
-over several seeds, written up (report.py) as one table, the paper's Figures 2, 4 and 5, and a
-plain list of which claims hold at this scale.
+and the Stage III algorithms side by side with and without a rollout/update mismatch, over
+several seeds, written up (report.py) as tables, the paper's Figures 2, 4 and 5, the drift
+figures and a plain list of which claims hold at this scale.
 
 The variants, each the last checkpoint of a chain of the existing stage scripts:
 
     padd            I (cluster) -> II -> III (PR-GRPO) -> IV              s4
     upcycle_grpo    I (random_subsets: upcycling) -> III (GRPO)           s3_grpo_upcycle
     kd_only         I -> II                                               s2
-    vanilla_grpo    I -> II -> III (GRPO)                                 s3_grpo
-    rspo            I -> II -> III (RSPO)                                 s3_rspo
+    vanilla_grpo    I -> II -> III (GRPO); gspo, r3, rspo alike           s3_grpo, s3_gspo, ...
     no_stage1       I (random experts and router) -> II -> III -> IV      s4_random
     no_stage2       I -> III -> IV                                        s4_nos2
     no_stage3       I -> II -> IV                                         s4_nos3
     no_stage4       I -> II -> III                                        s3_prgrpo
+    <x>_mismatch    vanilla_grpo, gspo, r3, rspo, PR-GRPO with rollouts   s3_<algo>_mm
+                    from a policy 2 steps old, in bf16 (report.MISMATCH)
 
 plus the dense teacher every chain starts from, trained once per seed: seed S's chains start
 from seed S's teacher. Teachers are not interchangeable at this scale (thread count and machine
 change their rounding, see docs/journal.md), so a claim about student vs teacher has to average
 over teachers as well, and each seed's variants share their teacher, so differences between
 variants stay paired.
-Shared prefixes run once per seed, so a seed is 16 subprocesses (NODES, in report.py), each
+Shared prefixes run once per seed, so a seed is 23 subprocesses (NODES, in report.py), each
 `python <stage script> --preset P --seed S --in ... --out <out>/seed<S>/<node>.pt`. Up to
 `--jobs` of them run at once, each single-threaded, and a node starts as soon as its input
 checkpoints exist. A node whose checkpoint is done is skipped, so an interrupted study
@@ -30,7 +32,7 @@ inputs now, so a node whose teacher or student was remade, or whose file was cut
 again, and so does everything below it.
 
     python ablate.py                          # the study: default preset, seeds 0 1 2
-    python ablate.py --quick                  # tiny preset, ~4 min, into out/ablate_quick, results_quick/
+    python ablate.py --quick                  # tiny preset, into out/ablate_quick, results_quick/
     python ablate.py --variants padd kd_only  # only these variants (and what they start from)
     python ablate.py --report-only            # redraw summary, figures and RESULTS.md from the checkpoints
 
@@ -41,8 +43,7 @@ linked from an earlier study instead of recomputed:
     python ablate.py --variants vanilla_grpo rspo no_stage4 --extra stage3="--mu 4" \
         --reuse out/ablate --out out/ablate_mu4 --results results/mu4 --md results/mu4/RESULTS.md
 
-(A write-up in a subfolder of results/ gets a link from RESULTS.md at its next redraw; earlier
-studies and sweeps are described in docs/journal.md.)
+(A write-up in a subfolder of results/ gets a link from RESULTS.md at its next redraw.)
 
 Every `<out>` records its preset and extra flags in `<out>/plan.json`, and a run whose plan
 differs is refused: a checkpoint made under other flags would otherwise be skipped as done.
@@ -52,8 +53,8 @@ node's record carries the commit it ran at (`-dirty` with uncommitted changes): 
 summary.json's `commit` is the nodes' commit when they share one.
 
 Writes `<results>/summary.json`, `<results>/figures/*.png` and `--md` (RESULTS.md); every
-finished node appends {node, seed, seconds, returncode, commit, time} to `<out>/ablate.jsonl` and its
-output to `<out>/seed<S>/<node>.log`.
+finished node appends {node, seed, seconds, returncode, commit, time} to `<out>/ablate.jsonl`
+and its output to `<out>/seed<S>/<node>.log`.
 
 Deviations and caveats:
 - "no Stage I" is `stage1_cluster.py --init random`: fresh random experts and router, but the
@@ -64,8 +65,7 @@ Deviations and caveats:
   a quarter of Stage III's steps at a smaller lr), so padd gets 1.25 times the RL steps of
   no_stage4, and no_stage3 still gets Stage IV's short RL phase.
 - Every seed is evaluated on the same test problems: `--seed` varies the initialisation, the
-  batches and the samples, while the suite's splits come from train_teacher.py's `--data-seed`
-  (0), which later stages follow.
+  batches and the samples; the splits follow train_teacher.py's `--data-seed` (0).
 - The spread reported is the 95% confidence half-width of the mean over seeds (Student t),
   which with 3 seeds is 2.5 standard deviations: wide, on purpose.
 """
@@ -84,7 +84,7 @@ from tqdm import tqdm
 
 import common
 from report import (NODES, VARIANTS, build_summary, ckpt, claims, late_gamma, markdown, newest_commit,
-                    node_commits, plot_all, problem_gaps, seed_shifts, study_time)
+                    node_commits, plot_all, problem_gaps, seed_shifts, study_time, teacher_counts)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -103,7 +103,7 @@ parser.add_argument("--out", help="checkpoints and logs (default: out/ablate; --
 parser.add_argument("--results", help="folder for summary.json and figures/ (default: results; --quick: results_quick)")
 parser.add_argument("--md", help="the generated write-up (default: RESULTS.md; --quick: RESULTS_quick.md)")
 parser.add_argument("--jobs", type=int, default=2, help="subprocesses at once, each with OMP_NUM_THREADS=1")
-parser.add_argument("--quick", action="store_true", help="tiny preset into separate folders: checks the machinery in ~4 min")
+parser.add_argument("--quick", action="store_true", help="tiny preset into separate folders: checks the machinery")
 parser.add_argument("--report-only", action="store_true", help="run nothing; rebuild summary, figures and markdown")
 parser.add_argument("--extra", action="append", default=[], metavar="STAGE=FLAGS",
                     help=f'flags added to every node of a stage, e.g. stage3="--mu 4" (stages: {", ".join(STAGES)}); repeatable')
@@ -433,7 +433,9 @@ def main():
     # the sha the numbers come from: the one commit every recorded node ran at; in a study
     # redone in parts, the newest node's (RESULTS.md lists them all); HEAD's if none is recorded
     commit = newest_commit(jsonl, keys) or git_commit()
-    summary = build_summary(metrics, seeds, args.preset, commit, variants)
+    # the teacher's own routing costs a generation per seed: only for the whole study (cached)
+    counts = teacher_counts(args.out, seeds, metrics) if set(variants) == set(VARIANTS) else {}
+    summary = build_summary(metrics, seeds, args.preset, commit, variants, counts)
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, "summary.json"), "w") as f:
         json.dump(common.strict(summary), f, indent=1, allow_nan=False)
@@ -442,6 +444,7 @@ def main():
     times = study_time(jsonl, keys)
     complete = len(summary["variants"]) == len(VARIANTS) and not times[2]
     by_problem = problem_gaps(metrics, seeds, summary["variants"])
+    by_problem_sampled = problem_gaps(metrics, seeds, summary["variants"], sampled=True)
     verdicts = claims(summary, times[1] if complete else None, late_gamma(args.out, seeds), times[3], by_problem,
                       seed_shifts(metrics, seeds))
     shown = [a for a in sys.argv[1:] if a != "--report-only"]
@@ -453,7 +456,7 @@ def main():
         sweeps = sorted(p for p in glob.glob(os.path.join(args.results, "*", "RESULTS.md"))
                         if os.path.abspath(p) != os.path.abspath(args.md))
         f.write(markdown(summary, metrics, verdicts, cmd_line, node_cmds, times, figs, args.md, sweeps, by_problem,
-                         made_at))
+                         made_at, by_problem_sampled))
     print(f"wrote {os.path.join(args.results, 'summary.json')}, {len(figs)} figures in "
           f"{os.path.join(args.results, 'figures')}, {args.md}")
     for target, verdict, numbers in verdicts:

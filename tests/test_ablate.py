@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import sys
 import threading
 import time
 
@@ -209,12 +210,13 @@ def fake_metrics(seeds, acc):
 def test_build_summary_shape_and_values():
     ms = fake_metrics([0, 1, 2], lambda n, s: 0.3 + 0.1 * s if n == "s4" else 0.2 + 0.03 * s if n == "teacher" else 0.2)
     summ = build_summary(ms, [0, 1, 2], "tiny", "abc")
-    assert set(summ) == {"seeds", "preset", "commit", "teacher", "variants", "router_shift"}
+    assert set(summ) == {"seeds", "preset", "commit", "teacher", "variants", "router_shift", "drift"}
     assert set(summ["teacher"]) == {"acc", "acc_per_seed", "active_params", "total_params"}
     assert list(summ["variants"]) == list(VARIANTS)
     for v in summ["variants"].values():
         assert set(v) == {"acc", "acc_per_seed", "per_subdomain", "max_vio", "active_params", "total_params"}
-    assert set(summ["router_shift"]) == {"grpo", "rspo", "prgrpo"}
+    assert set(summ["router_shift"]) == set(report.RS_NODES)
+    assert summ["drift"] == {}  # checkpoints older than drift_curve and train_acc_curve
     for r in summ["router_shift"].values():
         assert set(r) == {"steps", "mean", "ci95"}
     padd = summ["variants"]["padd"]
@@ -364,6 +366,249 @@ def test_paired_router_shift_is_read_seed_by_seed_from_the_nodes():
     assert "rspo vs grpo" not in paired_shift_text(dict(shifts, grpo=[0.0, 0.0, 0.0]))
 
 
+# ----------------------------------------------------------------------------- the RL-algorithm study
+
+def md_args(summ, ms, tmp_path, figs=None):
+    """markdown()'s positional arguments for a study with no node commands, timings or sweeps."""
+    return (summ, ms, claims(summ), "python ablate.py", [], (60.0, 30.0, [], {}), figs or {}, str(tmp_path / "R.md"))
+
+
+def test_each_algorithm_runs_from_stage2_with_and_without_the_mismatch():
+    assert report.MISMATCH == ["--lag", "2", "--rollout-dtype", "bf16"]
+    assert report.ALGOS == ("grpo", "gspo", "r3", "rspo", "prgrpo")
+    for a in report.ALGOS:
+        plain, mm = command(f"s3_{a}", 0, "tiny", "o"), command(f"s3_{a}_mm", 0, "tiny", "o")
+        assert inputs(f"s3_{a}_mm") == inputs(f"s3_{a}") == ["s2", "teacher"]
+        assert plain[-2:] == ["--algo", a] and "--lag" not in plain
+        assert mm[-6:] == ["--algo", a, "--lag", "2", "--rollout-dtype", "bf16"]
+        at = plain.index("--out") + 1  # each writes its own checkpoint; otherwise the same command plus MISMATCH
+        assert (plain[at], mm[at]) == (ckpt("o", 0, f"s3_{a}"), ckpt("o", 0, f"s3_{a}_mm"))
+        assert mm[:at] + mm[at + 1:] == plain[:at] + plain[at + 1:] + report.MISMATCH
+        assert report.RS_NODES[a] == f"s3_{a}" and report.RS_NODES[f"{a}+mismatch"] == f"s3_{a}_mm"
+    # --extra still comes last, so a sweep can override the mismatch's flags
+    assert command("s3_r3_mm", 0, "tiny", "o", ablate.parse_extra(["stage3=--lag 0"]))[-2:] == ["--lag", "0"]
+    assert {v: VARIANTS[v][0] for v in VARIANTS if v.endswith("_mismatch")} == {
+        "vanilla_grpo_mismatch": "s3_grpo_mm", "gspo_mismatch": "s3_gspo_mm", "r3_mismatch": "s3_r3_mm",
+        "rspo_mismatch": "s3_rspo_mm", "prgrpo_mismatch": "s3_prgrpo_mm"}
+    assert VARIANTS["gspo"][0] == "s3_gspo" and VARIANTS["r3"][0] == "s3_r3"
+    assert len(report.RS_NODES) == 10 and len(NODES) == 23
+    assert ancestors(["gspo_mismatch"]) == ["teacher", "s1_cluster", "s2", "s3_gspo_mm"]
+
+
+def test_padd_is_compared_with_the_runs_without_the_mismatch(tmp_path):
+    ms = fake_metrics([0, 1], lambda n, s: {"s4": 0.3, "s3_grpo_mm": 0.5}.get(n, 0.2))
+    summ = build_summary(ms, [0, 1], "tiny", "abc")
+    verdict, text = {t: (v, x) for t, v, x in claims(summ)}["PADD above every baseline and ablation"]
+    assert verdict == "holds" and "mismatch" not in text
+    assert "| vanilla_grpo_mismatch |" in report.markdown(*md_args(summ, ms, tmp_path))
+    ms["s3_gspo", 1]["acc"] = 0.9  # a new baseline above PADD does count
+    verdict, text = {t: (v, x) for t, v, x in claims(build_summary(ms, [0, 1], "tiny", "abc"))}[
+        "PADD above every baseline and ablation"]
+    assert verdict == "does not hold" and "gspo" in text
+
+
+def test_sampled_accuracy_where_every_seed_stores_it(tmp_path):
+    ms = fake_metrics([0, 1], lambda n, s: 0.2)
+    for s, x in ((0, 0.1), (1, 0.3)):
+        for node in ("teacher", "s2", "s4"):
+            ms[node, s]["acc_sampled"] = x + (0.05 if node == "s4" else 0.0)
+    del ms["s4", 1]["acc_sampled"]
+    summ = build_summary(ms, [0, 1], "tiny", "abc")
+    assert summ["teacher"]["acc_sampled"] == pytest.approx(0.2)
+    assert summ["variants"]["kd_only"]["acc_sampled_per_seed"] == pytest.approx([0.1, 0.3])
+    assert "acc_sampled" not in summ["variants"]["padd"]  # one seed without it: left out, not averaged over one
+    assert "acc_sampled" not in summ["variants"]["rspo"]
+    assert report.paired_gaps(summ, "acc_sampled") == {}
+    text = report.markdown(*md_args(summ, ms, tmp_path))
+    assert "| kd_only | Stages I-II: distillation only, no RL | 20.0 ± 0.0 | 20.0 20.0 | 20.0 ± 127.1 |" in text
+    assert "| padd | Stages I-IV (PADD) | 20.0 ± 0.0 | 20.0 20.0 |  |" in text
+    ms["s4", 1]["acc_sampled"] = 0.35
+    gaps = report.paired_gaps(build_summary(ms, [0, 1], "tiny", "abc"), "acc_sampled")
+    assert set(gaps) == {"teacher", "kd_only"} and gaps["kd_only"][0] == pytest.approx([5.0, 5.0])
+
+
+def test_sampled_gaps_over_the_test_problems_use_k(tmp_path):
+    ms = fake_metrics([0], lambda n, s: 0.5)
+    for node, grades_k, acc in (("s4", "8888", 1.0), ("s2", "4444", 0.5), ("teacher", "4444", 0.5)):
+        ms[node, 0].update(correct_sampled=grades_k, samples=8, acc_sampled=acc, correct="1100")
+    ms["teacher", 0]["samples"] = 4  # another k: not paired
+    gaps = report.problem_gaps(ms, [0], VARIANTS, sampled=True)
+    assert gaps == {"kd_only": (50.0, 50.0)}  # every problem 8/8 against 4/8
+    assert report.problem_gaps(ms, [0], VARIANTS)["kd_only"] == (0.0, 0.0)
+    summ = build_summary(ms, [0], "tiny", "abc")
+    text = report.markdown(*md_args(summ, ms, tmp_path), by_problem=report.problem_gaps(ms, [0], VARIANTS),
+                           by_problem_sampled=gaps)
+    assert "| kd_only | +0.0 | +0.0 ± 0.0 | [+0.0, +0.0] | +50.0 | +50.0 ± 0.0 | [+50.0, +50.0] |" in text
+    # the teacher's greedy grades pair with PADD's; its sampled ones, at another k, do not
+    assert "| teacher | +0.0 | +0.0 ± 0.0 | [+0.0, +0.0] | +50.0 | +50.0 ± 0.0 | not stored |" in text
+
+
+def drift_metrics(seeds, late_rs):
+    """fake_metrics plus drift curves (6 steps) for every RL node: late_rs(node, seed) is the
+    router shift of steps 5 and 6 (the last third), 1.0 before; the probe is read every other step."""
+    ms = fake_metrics(seeds, lambda n, s: 0.3)
+    for (node, s), m in ms.items():
+        if node in report.RS_NODES.values():
+            rs = [None if u % 2 else (late_rs(node, s) if u > 4 else 1.0) for u in range(1, 7)]
+            m.update(drift_curve={"step": list(range(1, 7)), "router_shift": rs, "topk_changed": [0.1 * s] * 6,
+                                  "extreme_ratio": [0.01] * 6, "rs_samples": [0.0] * 6},
+                     train_acc_curve=[0.1 * u for u in range(1, 7)], router_shift=late_rs(node, s))
+    return ms
+
+
+def test_drift_per_step_means_and_bands_by_hand():
+    ms = fake_metrics([0, 1], lambda n, s: 0.3)
+    for s, rs, topk, reward in ((0, [None, 0.2, 0.4], [0.1, 0.2, 0.3], [0.0, 0.5, 1.0]),
+                                (1, [None, 0.4, 0.6], [0.3, float("nan"), 0.5], [0.5, 0.5, 0.5])):
+        ms["s3_grpo", s].update(drift_curve={"step": [1, 2, 3], "router_shift": rs, "topk_changed": topk,
+                                             "rs_samples": [0.0] * 3}, train_acc_curve=reward)
+    ms["s3_grpo", 0]["drift_curve"]["extreme_ratio"] = [0.0] * 3  # seed 1 has none: left out
+    ms["s3_rspo", 0]["drift_curve"] = ms["s3_grpo", 0]["drift_curve"]  # seed 1 of rspo has no curve at all
+    summ = build_summary(ms, [0, 1], "tiny", "abc")
+    assert set(summ["drift"]) == {"grpo"}
+    d = summ["drift"]["grpo"]
+    assert d["steps"] == [1, 2, 3]
+    assert d["router_shift"][0] is None and d["router_shift_ci95"][0] is None  # not probed at step 1
+    assert d["router_shift"][1:] == pytest.approx([0.3, 0.5])
+    assert d["router_shift_ci95"][1:] == pytest.approx([12.706 * math.sqrt(0.02) / math.sqrt(2)] * 2)
+    assert d["topk_changed"][0] == pytest.approx(0.2) and d["topk_changed"][1] is None  # a NaN: no mean of one seed
+    assert d["reward"] == pytest.approx([0.25, 0.5, 0.75])
+    assert "extreme_ratio" not in d and "extreme_ratio" not in d["last_third"]
+    # the last third: steps past 2; each seed's mean, for the interval over seeds
+    assert d["last_third"]["router_shift"] == pytest.approx([0.4, 0.6])
+    assert d["last_third"]["topk_changed"] == pytest.approx([0.3, 0.5])
+    assert d["reward_tenths"] == {"first": pytest.approx([0.0, 0.5]), "last": pytest.approx([1.0, 0.5])}
+    json.dumps(common.strict(summ), allow_nan=False)
+    assert report.tenths({u: float(u) for u in range(1, 21)}) == (1.5, 19.5)  # 20 steps: two per tenth
+
+
+def test_figure4_verdict_follows_the_numbers():
+    tight = {"prgrpo": [1.0, 1.1, 0.9], "rspo": [2.0, 2.1, 1.9], "grpo": [3.0, 3.1, 2.9]}
+    verdict, lines = report.figure4_verdict(tight)
+    h = f"{4.303 * 0.1 / math.sqrt(3):.4g}"
+    assert verdict == "holds, separated by the 95% intervals over seeds"
+    assert lines[0] == f"prgrpo 1 ± {h} vs rspo 2 ± {h}: lower, and the 95% intervals over seeds separate them"
+    assert lines[2].startswith("prgrpo 1 ± ") and "vs grpo 3 ±" in lines[2]
+    verdict, lines = report.figure4_verdict(dict(tight, rspo=[2.0, 3.0, 1.0]))
+    assert verdict == "holds in the means only, not separated by the 95% intervals over seeds"
+    assert lines[0].endswith("lower in the mean, but the 95% intervals over seeds overlap")
+    assert lines[2].endswith("lower, and the 95% intervals over seeds separate them")
+    verdict, lines = report.figure4_verdict(dict(tight, prgrpo=[2.5, 2.6, 2.4]))
+    assert verdict == "does not hold" and lines[0].endswith("not lower: higher, and the intervals separate them")
+    verdict, lines = report.figure4_verdict(dict(tight, prgrpo=[2.2, 2.8, 1.6]))  # mean 2.2 against rspo's 2
+    assert verdict == "does not hold" and lines[0].endswith("not lower: higher, the intervals overlap")
+    zeros = {a: [0.0, 0.0] for a in report.FIG4}  # the tiny preset: no router ever moves
+    verdict, lines = report.figure4_verdict(zeros)
+    assert verdict == "does not hold" and all(x.endswith("not lower: equal") for x in lines)
+    verdict, lines = report.figure4_verdict({a: v[:1] for a, v in tight.items()})
+    assert verdict == "holds in the means only, not separated by the 95% intervals over seeds"
+    assert lines[0].endswith("lower in the mean (one seed: no interval)")
+    assert report.figure4_verdict(tight, "+mismatch")[0] == "not measured"
+    mm = {f"{a}+mismatch": v for a, v in tight.items()}
+    assert report.figure4_verdict(mm, "+mismatch")[1][0].startswith("prgrpo+mismatch 1 ± ")
+
+
+def test_the_rl_section_reads_the_drift_curves_and_says_the_verdict(tmp_path):
+    late = {"s3_prgrpo": 1.0, "s3_rspo": 2.0, "s3_grpo": 3.0}  # the mismatch runs: all 2.0 give or take a seed
+    ms = drift_metrics([0, 1, 2], lambda n, s: late.get(n, 2.0 + 0.5 * (s - 1)) + 0.01 * s)
+    for s in (0, 1, 2):
+        ms["s3_grpo", s]["acc"] = 0.4
+    summ = build_summary(ms, [0, 1, 2], "tiny", "abc")
+    assert set(summ["drift"]) == set(report.RS_NODES)
+    assert summ["drift"]["prgrpo"]["last_third"]["router_shift"] == pytest.approx([1.0, 1.01, 1.02])  # step 6 only
+    text = report.markdown(*md_args(summ, ms, tmp_path))
+    assert "## RL algorithms" in text
+    assert ("Figure 4's claim, router shift over the last third PR-GRPO < RSPO < GRPO, without the mismatch: "
+            "holds, separated by the 95% intervals over seeds.") in text
+    assert "with the mismatch: does not hold." in text
+    assert "- prgrpo+mismatch 2.01 ± " in text and "vs rspo+mismatch 2.01 ± " in text and "not lower: equal" in text
+    row = next(x for x in text.splitlines() if x.startswith("| grpo |"))
+    # greedy 40.0, +10 points over kd_only on every seed; no sampled grades stored; reward 0.1 -> 0.6
+    assert row.startswith("| grpo | 40.0 ± 0.0 | +10.0 ± 0.0 |  |  | 0.1 ± 0 | 0.6 ± 0 | 3.01 ± ")
+    assert row.endswith(f"| 0.1 ± {4.303 * 0.1 / math.sqrt(3):.4g} | 0.01 ± 0 |")  # top-k changed 0, 0.1, 0.2
+
+
+def test_stage4_against_no_stage4_with_intervals(tmp_path):
+    ms = fake_metrics([0, 1, 2], lambda n, s: 0.3)
+    for s, v in enumerate([0.1, 0.2, 0.3]):
+        ms["s4", s]["max_vio"], ms["s3_prgrpo", s]["max_vio"] = v, 0.5
+    lines = report.stage4_lines(ms, [0, 1, 2])
+    assert "| MaxVio | 0.5 | 0.2 | -0.4 -0.3 -0.2 | -0.3 ± 0.248 |  |" in lines
+    assert f"- MaxVio: padd minus no_stage4 -0.3 ± 0.248, below 0 beyond its 95% interval." in lines
+    assert "- greedy pass@1 (points): padd minus no_stage4 +0 ± 0, its 95% interval holds 0." in lines
+    assert not any("sampled" in x for x in lines)  # not stored: not said
+    for node in ("s4", "s3_prgrpo"):
+        for s in (0, 1, 2):
+            ms[node, s].update(acc_sampled=0.3, correct_sampled="40", samples=8, correct="10")
+    lines = report.stage4_lines(ms, [0, 1, 2])
+    assert ("- sampled pass@1 (points): padd minus no_stage4 +0 ± 0, its 95% interval holds 0; over the test "
+            "problems [+0.0, +0.0], which holds 0.") in lines
+    assert "## Stage IV against no_stage4" in report.markdown(*md_args(build_summary(ms, [0, 1, 2], "tiny", "abc"), ms, tmp_path))
+    del ms["s4", 2]
+    assert report.stage4_lines(ms, [0, 1, 2]) == []
+
+
+def test_specialisation_from_the_route_counts(tmp_path, monkeypatch):
+    ms = fake_metrics([0, 1], lambda n, s: 0.3)
+    diag, flat = [[10, 0], [0, 10]], [[5, 5], [5, 5]]  # 1 bit (the expert names the subject), 0 bits
+    for s in (0, 1):
+        ms["s1_cluster", s]["route_counts"] = [diag, diag]
+        ms["s4", s]["route_counts"] = [flat, diag]
+    summ = build_summary(ms, [0, 1], "tiny", "abc", teacher_counts={0: [diag, flat], 1: [diag, flat]})
+    spec = summ["specialisation"]
+    assert list(spec) == ["teacher_clusters", "stage1", "final", "random_router"]
+    assert spec["stage1"]["per_layer"] == pytest.approx([1.0, 1.0]) and spec["stage1"]["mean"] == pytest.approx(1.0)
+    assert spec["final"]["per_layer"] == pytest.approx([0.0, 1.0]) and spec["final"]["mean_per_seed"] == pytest.approx([0.5, 0.5])
+    assert spec["teacher_clusters"]["per_layer"] == pytest.approx([1.0, 0.0])
+    assert 0 <= spec["random_router"]["mean"] < 0.3  # a subject-blind router: near 0, above it by chance
+    text = report.markdown(*md_args(summ, ms, tmp_path))
+    assert "| stage1 | 1.0000 | 1.0000 | 1.0000 | 0.0000 |" in text and "| final | 0.0000 | 1.0000 | 0.5000 |" in text
+    del ms["s4", 1]["route_counts"]  # one seed without them: the rows they feed are left out
+    assert list(build_summary(ms, [0, 1], "tiny", "abc")["specialisation"]) == ["stage1"]
+    del ms["s1_cluster", 0]["route_counts"]
+    assert "specialisation" not in build_summary(ms, [0, 1], "tiny", "abc")
+    assert "## Specialisation" not in report.markdown(*md_args(build_summary(ms, [0, 1], "tiny", "abc"), ms, tmp_path))
+    ms["s1_cluster", 0]["route_counts"] = [diag, diag]
+    monkeypatch.setitem(sys.modules, "specialisation", None)  # not importable (yet): no key, no failure
+    assert "specialisation" not in build_summary(ms, [0, 1], "tiny", "abc")
+    assert report.teacher_counts(str(tmp_path), [0, 1], ms) == {}
+
+
+def test_the_teachers_route_counts_are_cached_under_the_digests(tmp_path):
+    out = str(tmp_path)
+    for node in ("teacher", "s1_cluster"):
+        os.makedirs(os.path.dirname(ckpt(out, 0, node)), exist_ok=True)
+        with open(ckpt(out, 0, node), "w") as f:
+            f.write(f"not a checkpoint: {node}")  # loading one would fail, so a hit never loads
+    key = {"teacher": common.file_digest(ckpt(out, 0, "teacher")),
+           "s1_cluster": common.file_digest(ckpt(out, 0, "s1_cluster")), "n": 42}
+    with open(ckpt(out, 0, "teacher_route_counts", ".json"), "w") as f:
+        json.dump({"key": key, "counts": [[[1, 2]]]}, f)
+    assert report.teacher_route_counts(out, 0, 42) == [[[1, 2]]]
+    with pytest.raises(common.UserError):  # other problems (or another teacher): counted again
+        report.teacher_route_counts(out, 0, 700)
+    ms = fake_metrics([0], lambda n, s: 0.3)
+    assert report.teacher_counts(out, [0], ms) == {}  # no route_counts stored to compare with: not counted
+    for node in ("s1_cluster", "s4"):
+        ms[node, 0].update(route_counts=[[[1, 1]]], correct="0" * 42)
+    assert report.teacher_counts(out, [0], ms) == {0: [[[1, 2]]]}
+
+
+def test_old_checkpoints_and_new_ones_draw_their_figures(tmp_path):
+    old = fake_metrics([0, 1], lambda n, s: 0.3)  # no sampled pass@1, drift or route counts
+    summ = build_summary(old, [0, 1], "tiny", "abc")
+    figs = report.plot_all(summ, old, str(tmp_path / "old"))
+    assert set(figs) == {"ablation_bars", "heatmaps", "router_shift", "router_shift_ecdf", "expert_load"}
+    text = report.markdown(*md_args(summ, old, tmp_path), by_problem=report.problem_gaps(old, [0, 1], VARIANTS),
+                           by_problem_sampled=report.problem_gaps(old, [0, 1], VARIANTS, sampled=True))
+    assert "Figure 4's claim" in text and "## Specialisation" not in text and "sampled pass@1: the share" not in text
+    new = drift_metrics([0, 1], lambda n, s: 1.0 + s)
+    figs = report.plot_all(build_summary(new, [0, 1], "tiny", "abc"), new, str(tmp_path / "new"))
+    assert {"drift_router_shift", "drift_topk_changed", "drift_extreme_ratio", "reward"} <= set(figs)
+    assert all(os.path.getsize(p) > 0 for p in figs.values())
+    report.markdown(*md_args(build_summary(new, [0, 1], "tiny", "abc"), new, tmp_path, figs))  # every figure has a caption
+
+
 # ----------------------------------------------------------------------------- sweeps: --extra, --reuse
 
 def test_extra_flags_reach_every_node_of_their_stage_and_nothing_else():
@@ -375,7 +620,8 @@ def test_extra_flags_reach_every_node_of_their_stage_and_nothing_else():
     assert [n for n in NODES if ablate.touched(n, extra)] == [n for n in NODES if NODES[n][0] in
                                                              ("stage3_prgrpo.py", "stage4_balance.py")]
     assert [n for n in NODES if ablate.touched(n, ablate.parse_extra(["stage2=--steps 9"]))] == [
-        "s2", "s2_random", "s3_prgrpo", "s3_grpo", "s3_rspo", "s3_prgrpo_random", "s4", "s4_nos3", "s4_random"]
+        "s2", "s2_random", "s3_prgrpo", "s3_grpo", "s3_rspo", "s3_gspo", "s3_r3", "s3_grpo_mm", "s3_gspo_mm",
+        "s3_r3_mm", "s3_rspo_mm", "s3_prgrpo_mm", "s3_prgrpo_random", "s4", "s4_nos3", "s4_random"]
     for bad in ["stage5=--mu 4", "--mu 4", "mu=4"]:
         with pytest.raises(common.UserError, match="STAGE=FLAGS"):
             ablate.parse_extra([bad])
