@@ -433,8 +433,8 @@ def main():
     # the sha the numbers come from: the one commit every recorded node ran at; in a study
     # redone in parts, the newest node's (RESULTS.md lists them all); HEAD's if none is recorded
     commit = newest_commit(jsonl, keys) or git_commit()
-    # the teacher's own routing costs a generation per seed: only for the whole study (cached)
-    counts = teacher_counts(args.out, seeds, metrics) if set(variants) == set(VARIANTS) else {}
+    # the teacher's own routing costs a generation per seed (cached): only where padd's chain ran
+    counts = teacher_counts(args.out, seeds, metrics) if "padd" in variants else {}
     summary = build_summary(metrics, seeds, args.preset, commit, variants, counts)
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, "summary.json"), "w") as f:

@@ -11,6 +11,7 @@ import os
 
 import common
 import eval_math
+import specialisation
 
 # the earlier studies and sweeps, each with the commit that holds its folder
 JOURNAL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "journal.md")
@@ -194,22 +195,18 @@ def specialisation_summary(metrics, seeds, teacher_counts=None):
     layers, "mean_per_seed"}} for the rows every seed has: teacher_clusters (teacher_counts,
     {seed: [L][S][E]}), stage1 (s1_cluster's route_counts), final (padd's, s4) and
     random_router (a subject-blind router at the final's load: the finite-count floor). None when
-    no row is there or specialisation.py cannot be imported."""
-    try:
-        from specialisation import mutual_information, random_router_mi
-    except ImportError:
-        return None
+    no row is there."""
 
     def counts(node):
         got = [metrics.get((node, s), {}).get("route_counts") for s in seeds]
         return got if all(got) else None
     teacher = [(teacher_counts or {}).get(s) for s in seeds]
     final = counts("s4")
-    rows = {name: [[mutual_information(c) for c in layers] for layers in per_seed]
+    rows = {name: [[specialisation.mutual_information(c) for c in layers] for layers in per_seed]
             for name, per_seed in (("teacher_clusters", teacher if all(teacher) else None),
                                    ("stage1", counts("s1_cluster")), ("final", final)) if per_seed}
     if final:  # a draw seed per layer, as specialisation.py's table: the layers' floors independent
-        rows["random_router"] = [[random_router_mi(c, seed=l) for l, c in enumerate(layers)] for layers in final]
+        rows["random_router"] = [[specialisation.random_router_mi(c, seed=l) for l, c in enumerate(layers)] for layers in final]
     out = {}
     for name, mi in rows.items():
         per_layer = [sum(col) / len(col) for col in zip(*mi)]
@@ -277,7 +274,6 @@ def teacher_route_counts(out, seed, n, device=None):
     counts are cached in <out>/seed<S>/teacher_route_counts.json under the digests of the
     teacher and of the Stage I checkpoint (the clusters and k) and n: a redraw reads them."""
     import data
-    from specialisation import teacher_route_counts as count
     tpath, s1path = ckpt(out, seed, "teacher"), ckpt(out, seed, "s1_cluster")
     cache = ckpt(out, seed, "teacher_route_counts", ".json")
     key = {"teacher": common.file_digest(tpath), "s1_cluster": common.file_digest(s1path), "n": n}
@@ -293,7 +289,8 @@ def teacher_route_counts(out, seed, n, device=None):
     device = device or common.pick_device()
     enc = data.tokenizer_from_dict(tckpt["tokenizer"])
     records = data.split_rows(seed=common.data_seed(tckpt))["test"][:n]
-    counts = count(common.build_model(tckpt, device), s1["clusters"], enc, records, device, s1["config"]["top_k"])
+    counts = specialisation.teacher_route_counts(common.build_model(tckpt, device), s1["clusters"], enc, records,
+                                                 device, s1["config"]["top_k"])
     tmp = f"{cache}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump({"key": key, "counts": counts}, f)
@@ -303,11 +300,7 @@ def teacher_route_counts(out, seed, n, device=None):
 
 def teacher_counts(out, seeds, metrics):
     """{seed: teacher_route_counts} where every seed's s1_cluster and s4 store route_counts (the
-    rows it is compared with); {} when they do not or specialisation.py cannot be imported."""
-    try:
-        from specialisation import teacher_route_counts as _  # noqa: F401
-    except ImportError:
-        return {}
+    rows it is compared with); {} when they do not."""
     ms = [metrics.get((n, s), {}) for n in ("s1_cluster", "s4") for s in seeds]
     if not all("route_counts" in m and isinstance(m.get("correct"), str) for m in ms):
         return {}

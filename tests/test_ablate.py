@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import sys
 import threading
 import time
 
@@ -548,7 +547,7 @@ def test_stage4_against_no_stage4_with_intervals(tmp_path):
     assert report.stage4_lines(ms, [0, 1, 2]) == []
 
 
-def test_specialisation_from_the_route_counts(tmp_path, monkeypatch):
+def test_specialisation_from_the_route_counts(tmp_path):
     ms = fake_metrics([0, 1], lambda n, s: 0.3)
     diag, flat = [[10, 0], [0, 10]], [[5, 5], [5, 5]]  # 1 bit (the expert names the subject), 0 bits
     for s in (0, 1):
@@ -568,10 +567,6 @@ def test_specialisation_from_the_route_counts(tmp_path, monkeypatch):
     del ms["s1_cluster", 0]["route_counts"]
     assert "specialisation" not in build_summary(ms, [0, 1], "tiny", "abc")
     assert "## Specialisation" not in report.markdown(*md_args(build_summary(ms, [0, 1], "tiny", "abc"), ms, tmp_path))
-    ms["s1_cluster", 0]["route_counts"] = [diag, diag]
-    monkeypatch.setitem(sys.modules, "specialisation", None)  # not importable (yet): no key, no failure
-    assert "specialisation" not in build_summary(ms, [0, 1], "tiny", "abc")
-    assert report.teacher_counts(str(tmp_path), [0, 1], ms) == {}
 
 
 def test_the_teachers_route_counts_are_cached_under_the_digests(tmp_path):
