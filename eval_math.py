@@ -99,7 +99,6 @@ def evaluate(model, enc, records, device, batch_size=100, max_new_tokens=None, d
     cfg = model.config
     moe = cfg.n_expert > 1
     load = torch.zeros(cfg.n_layer, cfg.n_expert, dtype=torch.float64)
-    heat = {s: torch.zeros(cfg.n_expert, dtype=torch.float64) for s in SUBDOMAINS}
     route = torch.zeros(cfg.n_layer, len(SUBDOMAINS), cfg.n_expert, dtype=torch.float64)
     right_k = [0] * len(records)  # right samples per problem
     gen = torch.Generator(device=device)
@@ -143,10 +142,8 @@ def evaluate(model, enc, records, device, batch_size=100, max_new_tokens=None, d
                                   torch.ones_like(chosen, dtype=torch.float64), accumulate=True)
                 counts = counts.cpu()
                 load[layer] += counts.sum(0)
-                for r, s in enumerate(sub):
-                    heat[s] += counts[r]
-                    if s in SUBDOMAINS:
-                        route[layer, SUBDOMAINS.index(s)] += counts[r]
+                for r, s in enumerate(sub):  # a subdomain's selections, per layer (heatmap: summed over layers)
+                    route[layer, SUBDOMAINS.index(s)] += counts[r]
                 p = ffn.router_probs[valid]
                 ent_sum += float(-(p * p.clamp(min=1e-12).log()).sum(-1).sum())
                 ent_n += p.size(0)
@@ -158,7 +155,6 @@ def evaluate(model, enc, records, device, batch_size=100, max_new_tokens=None, d
         n_skipped = int(common.all_reduce(torch.tensor([float(n_skipped)], device=device))[0])
         if moe:
             load = common.all_reduce(load.to(device)).cpu()
-            heat = {s: common.all_reduce(h.to(device)).cpu() for s, h in heat.items()}
             route = common.all_reduce(route.to(device)).cpu()
             ent = common.all_reduce(torch.tensor([ent_sum, ent_n], dtype=torch.float64, device=device))
             ent_sum, ent_n = float(ent[0]), int(ent[1])
@@ -180,7 +176,7 @@ def evaluate(model, enc, records, device, batch_size=100, max_new_tokens=None, d
         vio = max_vio(load)
         res.update(load=load.tolist(), max_vio_per_layer=vio.tolist(), max_vio=float(vio.mean()),
                    routing_entropy=ent_sum / max(1, ent_n),
-                   heatmap={s: (h / h.sum().clamp(min=1)).tolist() for s, h in heat.items() if h.sum() > 0},
+                   heatmap={s: (h / h.sum().clamp(min=1)).tolist() for s, h in zip(SUBDOMAINS, route.sum(0)) if h.sum() > 0},
                    route_counts=route.tolist())
     return res
 
@@ -304,7 +300,7 @@ def main():
     parser.add_argument("--data", default="suite",
                         help="'suite' (built-in test split), a benchmark name, a .jsonl path or a saved dataset folder")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test", "heldout"],
-                        help="suite split; heldout: ~3,100 more validation problems (data.heldout_rows)")
+                        help="suite split; heldout: ~2,600 more validation problems (data.heldout_rows)")
     parser.add_argument("--data-seed", type=int, default=0,
                         help="seed of the suite's splits: the teacher's train_teacher.py --data-seed")
     parser.add_argument("--n", type=int, help="evaluate the first N problems only (a positive integer)")

@@ -42,7 +42,7 @@ NODES = {
     "s3_r3_mm":           ("stage3_prgrpo.py",  "s2",                 ["--algo", "r3"] + MISMATCH),
     "s3_rspo_mm":         ("stage3_prgrpo.py",  "s2",                 ["--algo", "rspo"] + MISMATCH),
     "s3_prgrpo_mm":       ("stage3_prgrpo.py",  "s2",                 ["--algo", "prgrpo"] + MISMATCH),
-    "s3_grpo_upcycle":    ("stage3_prgrpo.py",  "s1_random_subsets",  ["--algo", "grpo"]),
+    "s3_grpo_upcycle":    ("stage3_prgrpo.py",  "s1_random_subsets",  ["--algo", "grpo", "--w-distill", "0", "--w-gold", "0"]),
     "s3_prgrpo_nos2":     ("stage3_prgrpo.py",  "s1_cluster",         ["--algo", "prgrpo"]),
     "s3_prgrpo_random":   ("stage3_prgrpo.py",  "s2_random",          ["--algo", "prgrpo"]),
     "s4":                 ("stage4_balance.py", "s3_prgrpo",          []),
@@ -457,14 +457,14 @@ def seed_shifts(metrics, seeds):
             if all("router_shift" in metrics.get((n, s), {}) for s in seeds)}
 
 
-def shift_gaps(shifts):
+def shift_gaps(shifts, suffix=""):
     """{(lo, hi): (each seed's relative gap of lo's late router shift to hi's, in %, then their
     mean and 95% half-width)} for the adjacent pairs of the claimed order prgrpo < rspo < grpo
-    that both ran (the pair starts from the same Stage II checkpoint, so the gap is paired). A
+    that both ran, each name + suffix (the pair starts from the same Stage II checkpoint, so the gap is paired). A
     seed whose hi router never moved (0, as on the tiny preset) has no relative gap and is left
     out; a pair left with no seed is left out too."""
     out = {}
-    for lo, hi in (("prgrpo", "rspo"), ("rspo", "grpo")):
+    for lo, hi in ((f"prgrpo{suffix}", f"rspo{suffix}"), (f"rspo{suffix}", f"grpo{suffix}")):
         if lo in shifts and hi in shifts:
             rel = [100 * (a - b) / b for a, b in zip(shifts[lo], shifts[hi]) if b != 0]
             if rel:
@@ -501,52 +501,32 @@ def seed_gap(metrics, seeds, a, b, key, scale=100):
     return (gaps, *mean_ci95(gaps))
 
 
-def late_shifts(summary, metrics, seeds):
-    """{algo: each seed's router shift over the last third}: from the drift curves where the
-    summary has them, else the node's own late mean (checkpoints older than drift_curve)."""
-    late = seed_shifts(metrics, seeds)
-    for a, d in summary.get("drift", {}).items():
-        if "router_shift" in d.get("last_third", {}):
-            late[a] = d["last_third"]["router_shift"]
-    return late
-
-
 FIG4 = ("prgrpo", "rspo", "grpo")  # the paper's Figure 4 order, lowest router shift first
 
 
-def figure4_verdict(late, suffix=""):
-    """(verdict, [one line per pair]) on Figure 4's order prgrpo < rspo < grpo of the late
-    router shift (late: {algo: per-seed values}; suffix "+mismatch" for the runs under the
-    mismatch): each pair lower in the mean or not, and whether the 95% intervals over seeds
-    (mean +- half-width) separate them. The order holds when both adjacent pairs are lower and
-    separated, in the means only when they are lower but an interval overlaps."""
+def figure4_verdict(shifts, suffix=""):
+    """(verdict, [one line per adjacent pair]) on Figure 4's order prgrpo < rspo < grpo of the
+    late router shift (shifts: seed_shifts; suffix "+mismatch" for the runs under the mismatch),
+    paired seed by seed as the claims list judges it: each pair lower in the mean or not, and
+    whether its relative gaps' 95% interval over seeds (shift_gaps) is below 0. The order holds
+    when both pairs are lower beyond that interval, in the means only when one is not."""
     names = [a + suffix for a in FIG4]
-    if not all(n in late and late[n] for n in names):
-        return "not measured", [f"router shift for {', '.join(n for n in names if n in late) or 'none'} of {', '.join(names)}"]
-    st = {n: mean_ci95(late[n]) for n in names}
-    one_seed = min(len(late[n]) for n in names) < 2
-    lines, adjacent = [], []
-    for i, j in ((0, 1), (1, 2), (0, 2)):
-        lo, hi = names[i], names[j]
-        (ml, hl), (mh, hh) = st[lo], st[hi]
-        sep = ml + hl < mh - hh or mh + hh < ml - hl
-        if ml < mh:
-            words = ("lower in the mean (one seed: no interval)" if one_seed else
-                     "lower, and the 95% intervals over seeds separate them" if sep else
-                     "lower in the mean, but the 95% intervals over seeds overlap")
-        else:
-            words = ("not lower: " + ("equal" if ml == mh else "higher") +
-                     ("" if one_seed or ml == mh else ", and the intervals separate them" if sep
-                      else ", the intervals overlap"))
-        lines.append(f"{lo} {num(ml)} ± {num(hl)} vs {hi} {num(mh)} ± {num(hh)}: {words}")
-        if j - i == 1:  # the order is its two adjacent pairs; prgrpo vs grpo follows from them, for reading
-            adjacent.append((ml < mh, sep and not one_seed))
-    if all(lower and sep for lower, sep in adjacent):
-        verdict = "holds, separated by the 95% intervals over seeds"
-    elif all(lower for lower, _ in adjacent):
-        verdict = "holds in the means only, not separated by the 95% intervals over seeds"
-    else:
-        verdict = "does not hold"
+    if not all(shifts.get(n) for n in names):
+        return "not measured", [f"router shift for {', '.join(n for n in names if shifts.get(n)) or 'none'} of {', '.join(names)}"]
+    gaps = shift_gaps(shifts, suffix)
+    lines, lower, clear = [], [], []
+    for lo, hi in zip(names, names[1:]):
+        ml, mh = (sum(shifts[n]) / len(shifts[n]) for n in (lo, hi))
+        rel = gaps.get((lo, hi))
+        beyond = rel is not None and len(rel[0]) > 1 and rel[1] + rel[2] < 0
+        words = ("not lower" if ml >= mh else "lower, beyond the seeds' 95% interval" if beyond else
+                 "lower in the mean, within the seeds' noise" if rel and len(rel[0]) > 1 else "lower in the mean (one seed: no interval)")
+        gap = f" (per seed {', '.join(f'{r:+.0f}%' for r in rel[0])}; mean {rel[1]:+.0f}% ± {rel[2]:.0f}%)" if rel else ""
+        lines.append(f"{lo} {num(ml)} vs {hi} {num(mh)}: {words}{gap}")
+        lower.append(ml < mh)
+        clear.append(beyond)
+    verdict = ("holds, beyond the seeds' 95% intervals" if all(lower) and all(clear) else
+               "holds in the means only, within the seeds' noise" if all(lower) else "does not hold")
     return verdict, lines
 
 
@@ -875,11 +855,10 @@ def rl_section(summary, metrics, seeds):
          "shift, and on the step's samples the share of tokens whose top-k expert set differs from the rollout "
          "policy's and the share whose importance ratio is outside [0.5, 2]; each as its mean over the last "
          "third of the steps, ± 95% over seeds.", "", *rl, ""]
-    late = late_shifts(summary, metrics, seeds)
-    for suffix, what in (("", "without the mismatch"), ("+mismatch", "with the mismatch")):
-        verdict, lines = figure4_verdict(late, suffix)
-        L += [f"Figure 4's claim, router shift over the last third PR-GRPO < RSPO < GRPO, {what}: {verdict}.", ""]
-        L += [f"- {x}." for x in lines] + [""]
+    verdict, lines = figure4_verdict(seed_shifts(metrics, seeds), "+mismatch")
+    L += ["Figure 4's claim, router shift over the last third PR-GRPO < RSPO < GRPO, under the mismatch "
+          f"(without it: the claims list below): {verdict}.", ""]
+    L += [f"- {x}." for x in lines] + [""]
     return L
 
 

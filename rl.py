@@ -8,6 +8,7 @@ The pieces of the RL stages (III and IV) as small pure functions (the tests chec
                  |log g_theta(e|x_t) - log g_old(e|x_t)|)))               router_shift_weight (RSPO)
     RS(u, u') = mean_l E_t sum_j |G_u(x_t)_j - G_u'(x_t)_j|               router_shift
     b_i   = mean_l H(load_i,l) / log E                                    balance_reward (Stage IV)
+    logits = exp(s) * lm_head(ln_f(x))                                    add_logit_scale (a learned 1/T)
 
 The updates run on length-sorted micro-batches (length_buckets, bucket) whose token sums are
 divided by the whole batch's counts, so accumulated gradients are the full batch's.
@@ -17,6 +18,7 @@ import collections
 import math
 
 import torch
+from torch.nn.utils import parametrize
 
 import common
 import eval_math
@@ -61,8 +63,9 @@ def topk_changed(topk_new, topk_old):
 
 
 def extreme_ratio(logp, logp_old, lo=0.5, hi=2.0):
-    """Per token, whether pi_theta / pi_old lies outside [lo, hi]: where off-policy samples
-    stop being corrections and start being noise."""
+    """Per token, whether pi_theta / pi_old lies outside [lo, hi]: the tokens on which the
+    updated and the sampling policy disagree by a factor of 2 or more (the drift metric
+    `extreme_ratio`)."""
     rho = torch.exp(logp.detach() - logp_old)
     return (rho < lo) | (rho > hi)
 
@@ -135,10 +138,38 @@ def bucket(ro, tok_adv, rows, T):
     return b
 
 
+class LogitScale(torch.nn.Module):
+    """ln_f's gain times exp(log_scale). ln_f and lm_head have no bias, so every logit is
+    multiplied by exp(log_scale): a learned inverse temperature, which never moves the argmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_scale = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, gain):
+        return gain * self.log_scale.exp()
+
+
+def add_logit_scale(model):
+    """Give model a learned logit scale, starting at 1 (torch parametrize on ln_f's weight), and
+    return its parameter, log_scale. The state dict then names ln_f's gain
+    transformer.ln_f.parametrizations.weight.original; bake_logit_scale makes it plain again."""
+    ln_f = model.transformer.ln_f
+    parametrize.register_parametrization(ln_f, "weight", LogitScale().to(ln_f.weight.device))
+    return ln_f.parametrizations.weight[0].log_scale
+
+
+def bake_logit_scale(model):
+    """Fold a learned logit scale into ln_f's gain (the same logits), leaving a plain GPT."""
+    if parametrize.is_parametrized(model.transformer.ln_f, "weight"):
+        parametrize.remove_parametrizations(model.transformer.ln_f, "weight", leave_parametrized=True)
+    return model
+
+
 class RolloutCopy:
     """The policy the rollouts come from where it is not the updated policy itself: a copy `lag`
-    updates behind (asynchronous RL's staleness) and/or in bf16 (an inference engine's
-    precision), as large systems have it. Called before each rollout with the student, it keeps
+    rollout steps (lag x mu updates) behind (asynchronous RL's staleness) and/or in bf16 (an
+    inference engine's precision), as large systems have it. Called before each rollout with the student, it keeps
     the student's weights and loads those of `lag` calls ago (fewer at the start) into the copy;
     `history` is what a resume file stores to go on with the same lag."""
 
@@ -147,6 +178,9 @@ class RolloutCopy:
         self.history = collections.deque(history, maxlen=lag + 1)
 
     def __call__(self, student):
+        if self.history.maxlen == 1:  # lag 0 (bf16 only): copy straight across, nothing to keep
+            self.model.load_state_dict(student.state_dict())
+            return self.model
         self.history.append({k: v.detach().clone() for k, v in student.state_dict().items()})
         self.model.load_state_dict(self.history[0])
         return self.model
@@ -163,7 +197,7 @@ def update_stats(diags, gamma_min):
         n = sum(len(d["extreme"]) for d in diags)
         out.update(topk_changed=float(torch.cat([d["topk_changed"] for d in diags]).mean()),
                    extreme_ratio=float(torch.cat([d["extreme"] for d in diags]).float().mean()),
-                   rs_samples=sum(d["shift"] for d in diags) / max(1, n))
+                   rs_samples=float(sum(d["shift"] for d in diags)) / max(1, n))
     if diags[0]["gamma"] is not None:
         g = torch.cat([d["gamma"] for d in diags]).float()
         out.update(gamma=float(g.mean()), gamma_std=float(g.std(unbiased=False)),

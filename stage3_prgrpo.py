@@ -24,25 +24,33 @@ makes mu full-batch AdamW steps on the same rollouts (policy_loss below):
           p_T is the teacher's path from the Stage I clusters (losses.teacher_paths).
 Every algorithm keeps the same two Stage II terms, so a comparison measures the algorithms:
     + w_distill * mean_t KL(T || S)  +  w_gold * mean over the prompts' gold-solution tokens of -log pi_theta
+Every algorithm also learns a logit scale s at its own lr (--lr-scale; rl.add_logit_scale: logits
+times exp(s), a learned 1/temperature, folded into ln_f's gain at the end): a step's 512 samples
+estimate the gradient of one number well and that of the weights poorly, so the scale is what
+the RL measurably moves. It sharpens sampling; greedy decoding it cannot change.
 
 The rollout/update mismatch of large systems, off by default, for every algorithm (rl.RolloutCopy):
-`--lag N` samples from a copy of the policy N updates old (asynchronous RL), `--rollout-dtype
-bf16` from a bf16 copy (an inference engine's precision); the updates stay on the fp32 policy.
-Without them the old policy's values are the first pass's own, detached: it runs at the
-rollout's weights, so its ratio and gamma are exactly 1 and no extra forward is needed.
+`--lag N` samples from a copy of the policy N rollout steps (N x mu updates) old (asynchronous
+RL), `--rollout-dtype bf16` from a bf16 copy (an inference engine's precision); the updates stay
+on the fp32 policy. Without them the old policy's values are the first pass's own, detached: it
+runs at the rollout's weights, so its ratio and gamma are exactly 1 and no extra forward is needed.
 
-Logged every step (the drift of the updated policy from the one that sampled): on the step's
-own tokens, the share whose top-k set differs from the rollout's (`topk_changed`), whose ratio
-lies outside [0.5, 2] (`extreme_ratio`) and the mean router shift (`rs_samples`); on a fixed
-probe batch every rs_every steps, RS(u, u') = mean_l E_t sum_j |G_u(x_t)_j - G_u'(x_t)_j|
-(rl.router_shift, `router_shift`), the paper's Figures 4 and 5. Stage IV (stage4_balance.py) is
-this loop plus a balance reward and a selection-only router bias.
+Logged every step, the drift of the updated policy from the sampling one: on the step's tokens
+the share whose top-k set changed (`topk_changed`), whose ratio is outside [0.5, 2]
+(`extreme_ratio`), the router shift (`rs_samples`); on a fixed probe, RS(u, u') = mean_l E_t
+sum_j |G_u(x_t)_j - G_u'(x_t)_j| (rl.router_shift), the paper's Figures 4 and 5. Stage IV
+(stage4_balance.py) is this loop plus a balance reward and a selection-only router bias.
 
 Defaults (the measurements behind each: docs/journal.md):
-- --lr 3e-5, cosine to 10%: higher lrs lowered greedy pass@1 (1e-4: -1.3, 3e-4 constant: -3.7).
-- 32 steps x 16 prompts x G 8: the study's time budget (~1 min here); 64 prompts x 16 steps
-  moves sampled pass@1 by +0.6 [-0.4, +1.6] only, at 3.5 times the cost.
-- --mu 2, --epsilon 0.2 (PPO's), gamma_min 0.5 (RSPO's floor), temperature 1: the spec's.
+- --lr 3e-5, cosine to 10%: chosen on validation over 1e-4, 5e-5, 2e-5; at 64 prompts a step,
+  1e-4 cost 1.3 greedy points and 3e-4 (constant) 3.7.
+- --lr-scale 2e-2: test sampled pass@1 +4.3 over Stage II (seeds 0-2), greedy +1.0; 1e-2 and
+  5e-2 gave +4.4 and +5.3 on seed 0 (the scale settles near 1.5 against the gold term's pull).
+- 32 steps x 16 prompts x G 8: the study's time budget (~1 min here); 64 prompts x 16 steps at
+  lr 1e-4 moved sampled pass@1 by +0.6 [-0.4, +1.6] only, at 3.5 times the cost.
+- --mu 2: 4 and 8 cost GRPO 2.7 and 7.8 test points; --epsilon 0.2 (PPO's), gamma_min 0.5
+  (RSPO's floor): the spec's.
+- --temperature 1: 0.7 and 0.5 left validation accuracy where it was (47.5 against 47.7).
 - --w-gold 1: +0.8 greedy points over 0; --w-distill 0.05; --w-anchor 0.5, --w-align 0.05: our reading.
 
 Deviations from the paper (simplifications at small scale):
@@ -52,11 +60,13 @@ Deviations from the paper (simplifications at small scale):
 3. The gold cross-entropy is our addition (Stage II's, see stage2_distill.py).
 4. Prompts come from the suite's training split (subdomain first, then a problem); evaluation
    is greedy and sampled pass@1 (eval_math.evaluate) on the test split.
+5. gspo's loss is a mean over tokens like the others' (a sequence weighs by its length), not
+   GSPO's mean over sequences, so the algorithms differ in their ratio only.
+6. The learned logit scale is ours (the paper's RL moves the weights only).
 
-The updates run on length-sorted micro-batches (rl.length_buckets), gradients accumulated;
-every term is a sum over tokens divided by the whole batch's count, so the step is the full
-batch's. Under torchrun the prompts are split over ranks (a group never straddles ranks), every
-term is weighted to the global batch (common.global_weight) and gradients are averaged.
+Updates run on length-sorted micro-batches (rl.length_buckets) whose token sums divide by the
+whole batch's count, so each step is the full batch's; under torchrun a group stays on one rank
+and every term is weighted to the global batch (common.global_weight).
 
     python stage3_prgrpo.py --in out/default/stage2.pt --out out/default/stage3.pt --algo prgrpo
     python stage3_prgrpo.py --algo r3 --lag 2 --rollout-dtype bf16 --out out/default/stage3_r3.pt
@@ -75,9 +85,9 @@ import eval_math
 import grader
 from losses import gold_ce, path_kl, teacher_paths, token_kl_loss
 from model import count_params
-from rl import (RolloutCopy, bucket, clipped_surrogate, clipped_tokens, expert_share, extreme_ratio, group_advantages,
-                length_buckets, router_shift, router_shift_weight, sequence_logp, token_logprobs, topk_changed,
-                update_stats)
+from rl import (RolloutCopy, add_logit_scale, bake_logit_scale, bucket, clipped_surrogate, clipped_tokens, expert_share,
+                extreme_ratio, group_advantages, length_buckets, router_shift, router_shift_weight, sequence_logp,
+                token_logprobs, topk_changed, update_stats)
 
 PRESETS = {
     "tiny": dict(steps=4, prompts=4, group=4, n_probe=16, n_test=42, rs_every=1, micro_tokens=2048,
@@ -104,6 +114,8 @@ def make_parser(description, stage, inp, out):
     p.add_argument("--lr", type=float, default=3e-5, help="peak learning rate")
     p.add_argument("--lr-final", type=float, default=0.1,
                    help="cosine decay of the lr to this fraction of --lr by the last step (1 = constant)")
+    p.add_argument("--lr-scale", type=float, default=2e-2,
+                   help="peak lr of the learned logit scale, a temperature the RL learns (rl.add_logit_scale); 0: none")
     p.add_argument("--epsilon", type=float, help="lower clip range: rho >= 1 - epsilon (default 0.2; gspo 3e-4)")
     p.add_argument("--epsilon-high", type=float, help="upper clip range: rho <= 1 + epsilon_high (default: "
                    "--epsilon; gspo 4e-4)")
@@ -124,9 +136,10 @@ def make_parser(description, stage, inp, out):
 
 # what each flag may be (common.check_args); G = 1 would give every sample advantage 0
 LIMITS = dict(steps=(1, None), prompts=(1, None), group=(2, None), mu=(1, None), lr=(0, None), lr_final=(0, 1),
-              epsilon=(0, 1), epsilon_high=(0, None), temperature=(1e-6, None), lag=(0, None), max_new=(1, None), gamma_min=(0, 1), w_anchor=(0, None),
-              w_align=(0, None), w_distill=(0, None), w_gold=(0, None), micro_tokens=(1, None), n_probe=(1, None),
-              rs_every=(1, None), w_aux=(0, None), alpha=(0, None), bias_rate=(0, None), calibrate=(0, None))
+              lr_scale=(0, None), epsilon=(0, 1), epsilon_high=(0, None), temperature=(1e-6, None), lag=(0, None),
+              max_new=(1, None), gamma_min=(0, 1), w_anchor=(0, None), w_align=(0, None), w_distill=(0, None),
+              w_gold=(0, None), micro_tokens=(1, None), n_probe=(1, None), rs_every=(1, None), w_aux=(0, None),
+              alpha=(0, None), bias_rate=(0, None), calibrate=(0, None))
 
 
 parser = make_parser(__doc__.split("\n\n")[0], "stage3", "out/default/stage2.pt", "out/default/stage3.pt")
@@ -171,7 +184,7 @@ def policy_loss(student, b, args, counts):
         gamma = router_shift_weight(logg, b["logg_old"], b["topk_old"], args.gamma_min)
     # gspo: one ratio per sequence, (pi_theta / pi_old)^(1/|y|), given to each of its tokens
     logp_pg = sequence_logp(logp, b["logp_old"], b["seq"]) if args.algo == "gspo" else logp
-    eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+    eps_high = args.epsilon_high
     loss = clipped_surrogate(logp_pg, b["logp_old"], b["adv"], args.epsilon, gamma, eps_high).sum() / n
     shift = sum((lg.exp() - lo.exp()).abs().sum() for lg, lo in zip(logg, b["logg_old"])) / L
     if args.algo == "prgrpo":
@@ -193,7 +206,7 @@ def policy_loss(student, b, args, counts):
     changed = torch.stack([topk_changed(f.topk_natural[mflat], k) for f, k in zip(student.ffns, b["topk_old"])])
     return loss, dict(gamma=gamma, clipped=clipped_tokens(logp_pg, b["logp_old"], b["adv"], args.epsilon, gamma, eps_high),
                       topk_changed=changed.float().mean(0), extreme=extreme_ratio(logp, b["logp_old"]),
-                      shift=float(shift.detach()))
+                      shift=shift.detach())
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -251,10 +264,12 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
     Stage III's step (its steps + s), as one pipeline running on would (Stage IV); otherwise
     Stage IV's steps would replay the prompts of Stage III's first steps.
     """
-    if args.epsilon is None:  # GSPO's ratio is a per-token geometric mean: its paper clips at 3e-4 / 4e-4
+    # GSPO's ratio is one per sequence, the geometric mean of its tokens' ratios, so close to 1
+    # that its paper clips at 3e-4 / 4e-4
+    if args.epsilon is None:
         args.epsilon = 3e-4 if args.algo == "gspo" else 0.2
-    if args.epsilon_high is None and args.algo == "gspo":
-        args.epsilon_high = 4e-4
+    if args.epsilon_high is None:
+        args.epsilon_high = 4e-4 if args.algo == "gspo" else args.epsilon
     device, log = common.setup(args, PRESETS, args.stage, LIMITS)
     sckpt = common.load_checkpoint(args.inp, kind="moe")
     after = sckpt["args"].get("steps", 0) if continue_stream and sckpt["stage"] == "stage3" else 0
@@ -273,7 +288,13 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
     probe = [data.encode_example(enc, ex) for ex in val[:args.n_probe]]
     probe_idx, _, probe_valid = common.pad_batch(*zip(*probe), device)
     probe_valid = probe_valid.flatten()
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    # the learned logit scale (the docstring's 1/T) in its own group: a single number whose
+    # gradient averages over every sampled token moves at a far larger lr than the weights can
+    groups = [dict(params=list(student.parameters()), peak=args.lr)]
+    scale = add_logit_scale(student) if args.lr_scale > 0 else None
+    if scale is not None:
+        groups.append(dict(params=[scale], peak=args.lr_scale))
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     start, state = common.maybe_resume(args, student, opt, inputs)
     gen = torch.Generator(device=device)
     # The old policy's values need a forward of their own only where the first update pass does
@@ -285,7 +306,10 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
     # are the old policy's; the updates run on the policy itself, in fp32.
     copy = None
     if args.lag > 0 or args.rollout_dtype == "bf16":
-        copy = RolloutCopy(common.build_model(sckpt, device), args.lag,
+        model = common.build_model(sckpt, device)
+        if scale is not None:  # the same parameter names as the student's, to load its weights
+            add_logit_scale(model)
+        copy = RolloutCopy(model, args.lag,
                            torch.bfloat16 if args.rollout_dtype == "bf16" else torch.float32, state.get("lag_history", []))
         record_old = True
     t0 = time.time()
@@ -295,14 +319,14 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
     shifts = state.get("shifts", [])
     rewards_curve = state.get("rewards_curve", [])
     # per step: the probe's router shift (every rs_every steps, else None) and, on the step's own
-    # samples, the updated policy's drift from the rollout's, mean over the mu passes
+    # samples, the updated policy's drift from the rollout's on the last of the mu passes
     drift = state.get("drift") or {k: [] for k in ("step", "router_shift", "topk_changed", "extreme_ratio", "rs_samples")}
     pbar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.stage} {args.algo}",
                 disable=not common.is_main())
     for step in pbar:
         rng = random.Random(stream + step)
         for group in opt.param_groups:
-            group["lr"] = common.lr_at(step, args.steps, args.lr, final=args.lr_final)
+            group["lr"] = common.lr_at(step, args.steps, group["peak"], final=args.lr_final)
         # under torchrun each rank rolls out its share of the prompts; a prompt's G samples stay
         # on one rank, so the group statistics of the advantage are exact without a gather
         batch = common.shard([sample(rng) for _ in range(args.prompts)])
@@ -317,11 +341,17 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
         # micro-batches of similar length, fixed across the mu passes
         lengths = ro["valid"].sum(1).tolist()
         buckets = [bucket(ro, tok_adv, rows.to(device), T) for rows, T in length_buckets(lengths, args.micro_tokens)]
+        align = args.algo == "prgrpo" and args.w_align > 0
         for b in buckets:
-            if args.w_distill > 0 or (args.algo == "prgrpo" and args.w_align > 0):
+            if align:  # the teacher's paths as well as its logits
                 with common.autocast(device):
                     t_logits, p_t, _ = teacher_paths(teacher, b["idx"], clusters)
-                b["t_logits"], b["p_t"] = t_logits[b["mask"]], [p[b["mask"].flatten()] for p in p_t]
+                b["p_t"] = [p[b["mask"].flatten()] for p in p_t]
+            elif args.w_distill > 0:
+                with torch.no_grad(), common.autocast(device):
+                    t_logits, _ = teacher(b["idx"])
+            if align or args.w_distill > 0:
+                b["t_logits"] = t_logits[b["mask"]]
         counts = dict(tokens=len(tok_adv), good=int((tok_adv > 0).sum()), valid=int(ro["valid"].sum()))
         if common.world() > 1:  # every term is a mean over the global batch
             counts["weight"] = {k: common.global_weight(counts[k], device) for k in ("tokens", "good", "valid")}
@@ -349,7 +379,9 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
             passes.append(dict(loss=float(loss), **update_stats(diags, args.gamma_min)))
             if l_gold is not None:
                 passes[-1]["loss_gold"] = float(l_gold.detach())
-        stats = {k: sum(p[k] for p in passes) / len(passes) for k in passes[0]}  # mean over the mu passes
+        # the last pass: the one furthest from the rollout's policy (without a mismatch the first
+        # runs at the rollout's weights, so its gamma is 1 and its clip and drift are 0)
+        stats = passes[-1]
         # uniform groups: every sample equally right (or wrong), so no correctness signal (DAPO's
         # zero-variance groups); Stage IV's balance term is then all their advantage carries
         c = ro["correct"].view(-1, args.group)
@@ -360,6 +392,8 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
         rewards_curve.append(acc)
         rec = dict(stage=args.stage, algo=args.algo, step=step + 1, reward=mean_reward, train_acc=acc,
                    uniform_groups=uniform, lr=opt.param_groups[0]["lr"], **stats)
+        if scale is not None:
+            rec["logit_scale"] = float(scale.detach().exp())
         if "balance" in ro:
             rec["balance"] = balance
         if (step + 1) % args.rs_every == 0 or step + 1 == args.steps:
@@ -379,6 +413,8 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
                                rewards_curve=rewards_curve, drift=drift, made_from=inputs,
                                lag_history=list(copy.history) if copy is not None else [])
 
+    logit_scale = float(scale.detach().exp()) if scale is not None else None
+    bake_logit_scale(student)  # what is evaluated and saved is a plain GPT
     res = eval_math.evaluate(student, enc, test, device, desc=f"{args.stage} test")
     active, total = count_params(student)
     last = [s for u, s in shifts if u > 2 * args.steps / 3] or [s for _, s in shifts]
@@ -387,6 +423,7 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
                    routing_entropy=res["routing_entropy"], max_vio=res["max_vio"], max_vio_per_layer=res["max_vio_per_layer"], expert_load=res["load"],
                    heatmap=res["heatmap"], router_shift=sum(last) / max(1, len(last)), router_shift_curve=shifts,
                    train_acc_curve=rewards_curve, drift_curve=drift, lag=args.lag, rollout_dtype=args.rollout_dtype,
+                   logit_scale=logit_scale,
                    active_params=active, total_params=total,
                    seconds=round(time.time() - t0, 1))
     common.save_checkpoint(args.out, common.make_checkpoint(student, sckpt["tokenizer"], args.stage, args, metrics,

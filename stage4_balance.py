@@ -36,6 +36,7 @@ Defaults, chosen on the 500 validation problems over seeds 0-2 (the runs: docs/j
   --bias-rate 0.01 the study's PADD ends at MaxVio 0.09 (the study's target: at most 0.2).
 - constant lr 1e-5 (a third of Stage III's peak): 3e-5 cost ~0.7 points, 1e-5 nothing measurable.
 - a quarter of Stage III's steps (8): 16 steps and 20 steps measured no better.
+- --lr-scale 0: Stage III's learned temperature is kept, so against no_stage4 this measures the balance.
 - --calibrate 200: skipping it cost ~1 point; 60 steps measured the same as 200.
 - 32 problems a calibration step; the load of one step's batch (no moving average: an EMA of
   0.8 measured no better); the joint advantage of the spec (normalising r and b apart measured
@@ -68,7 +69,7 @@ CALIBRATE = {"tiny": 20, "default": 200, "gpu": 200}  # bias-only steps per pres
 CALIB_BATCH = 32  # problems per calibration step: 200 x 32 routes ~300k tokens, ~10 s on CPU
 
 parser = make_parser(__doc__.split("\n\n")[0], "stage4", "out/default/stage3.pt", "out/default/stage4.pt")
-parser.set_defaults(lr=1e-5, lr_final=1.0)  # constant 1e-5, chosen on validation (docstring)
+parser.set_defaults(lr=1e-5, lr_final=1.0, lr_scale=0.0)  # constant 1e-5, Stage III's temperature kept (docstring)
 parser.add_argument("--balance", choices=["none", "aux", "reward", "reward_bias"], default="reward_bias",
                     help="how load balance enters (see the docstring)")
 parser.add_argument("--alpha", type=float, default=0.1, help="weight of the per-sample balance reward")

@@ -63,6 +63,16 @@ def test_splits_disjoint_and_unique(splits):
         assert all(data.split_of(q) == k for q in v)
 
 
+def test_heldout_rows_leave_out_every_base_split():
+    # a larger validation quota re-draws the base validation problems too: they must be taken out
+    base = data.split_rows(seed=0)
+    held = [r["question"] for r in data.heldout_rows(seed=0)]
+    assert len(held) > 2000 and len(held) == len(set(held))
+    for name, rows in base.items():
+        assert not set(held) & {r["question"] for r in rows}, f"heldout shares problems with {name}"
+    assert all(data.split_of(q) == "validation" for q in held)
+
+
 def test_splits_deterministic(splits):
     again = data.build_splits(**SMALL, seed=0)
     for k in splits:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from rl import RolloutCopy, clipped_surrogate, clipped_tokens, extreme_ratio, importance_ratio, sequence_logp, topk_changed
+from rl import (RolloutCopy, add_logit_scale, bake_logit_scale, clipped_surrogate, clipped_tokens, extreme_ratio,
+                importance_ratio, sequence_logp, topk_changed)
 
 
 def test_sequence_logp_gives_every_token_its_sequences_geometric_mean_ratio():
@@ -95,7 +96,7 @@ def test_replayed_gates_are_the_routers_renormalised_probabilities():
     assert torch.allclose(y, want, atol=1e-5)
 
 
-def test_rollout_copy_lags_the_policy_by_n_updates_in_its_own_dtype():
+def test_rollout_copy_lags_the_policy_by_n_rollout_steps_in_its_own_dtype():
     student, copy = tiny_moe(2), RolloutCopy(tiny_moe(3), lag=2, dtype=torch.bfloat16)
     seen = []
     for step in range(5):
@@ -112,3 +113,40 @@ def test_rollout_copy_lags_the_policy_by_n_updates_in_its_own_dtype():
     with torch.no_grad():  # bf16 routing and log-probs differ from fp32's: the mismatch the flag adds
         copy.model.load_state_dict(student.state_dict())
         assert not torch.equal(copy.model(idx)[0].float(), student(idx)[0])
+
+
+def test_rollout_copy_at_lag_0_is_the_policy_itself_in_bf16():
+    student, copy = tiny_moe(2), RolloutCopy(tiny_moe(3), lag=0, dtype=torch.bfloat16)
+    for step in range(3):
+        with torch.no_grad():
+            student.lm_head.weight.fill_(float(step) + 0.5)
+        model = copy(student)
+        assert model.lm_head.weight[0, 0].item() == step + 0.5 and model.lm_head.weight.dtype == torch.bfloat16
+    assert len(copy.history) == 0  # nothing kept: lag 0 needs no past weights
+
+
+def test_logit_scale_multiplies_every_logit_and_bakes_into_a_plain_model():
+    model, idx = tiny_moe(), torch.randint(0, 32, (2, 8))
+    with torch.no_grad():
+        before = model(idx)[0]
+    body = list(model.parameters())
+    scale = add_logit_scale(model)
+    assert all(any(p is q for q in model.parameters()) for p in body)  # the gain is still trained, as itself
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in body) + 1
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], before)  # it starts at 1
+        scale.fill_(0.3)
+        scaled = model(idx)[0]
+    assert torch.allclose(scaled, math.exp(0.3) * before, atol=1e-5)
+    assert torch.equal(scaled.argmax(-1), before.argmax(-1))  # greedy decoding cannot move
+    loss = torch.nn.functional.cross_entropy(model(idx)[0].flatten(0, 1), idx.flatten())
+    loss.backward()
+    assert scale.grad is not None and scale.grad != 0
+    keys = set(model.state_dict())
+    bake_logit_scale(model)
+    assert set(model.state_dict()) == set(tiny_moe().state_dict()) != keys  # a plain GPT's names again
+    with torch.no_grad():
+        assert torch.allclose(model(idx)[0], scaled, atol=1e-6)
+    fresh = tiny_moe()
+    fresh.load_state_dict(model.state_dict())  # it loads as any checkpoint does
+    assert bake_logit_scale(fresh) is fresh  # and baking a plain model changes nothing

@@ -276,6 +276,8 @@ def small_rollout(moved=True):
         ro = dict(idx=idx, targets=targets, valid=valid, logp_old=token_logprobs(logits, targets),
                   logg_old=[f.router_probs[mflat].log() for f in model.ffns],
                   topk_old=[f.topk_idx[mflat] for f in model.ffns],
+                  # every position's selection, for r3's replay (the rollout records it so)
+                  topk_full=[f.topk_idx.view(*idx.shape, -1) for f in model.ffns],
                   sample_of_token=torch.arange(len(lens))[:, None].expand_as(targets)[targets >= 0])
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p) * moved)
@@ -290,7 +292,7 @@ def test_bucketed_policy_loss_has_the_full_batch_gradient(algo):
     valid, n = ro["valid"], len(ro["logp_old"])
     tok_adv = torch.randn(valid.size(0))[ro["sample_of_token"]]
     extra = dict(t_logits=torch.randn(n, 64), p_t=[torch.softmax(torch.randn(n, 4), -1) for _ in range(2)])
-    args = argparse.Namespace(algo=algo, gamma_min=0.5, epsilon=0.2, epsilon_high=None, w_anchor=0.5,
+    args = argparse.Namespace(algo=algo, gamma_min=0.5, epsilon=0.2, epsilon_high=0.2, w_anchor=0.5,
                               w_align=0.3, w_distill=0.2, w_aux=0.4, temperature=1.0)
     counts = dict(tokens=n, good=int((tok_adv > 0).sum()), valid=int(valid.sum()))
 
@@ -309,6 +311,10 @@ def test_bucketed_policy_loss_has_the_full_batch_gradient(algo):
             total += loss.item()
         return total, [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
+    if algo == "r3":  # the replay must matter: the moved router picks other experts somewhere
+        with torch.no_grad():
+            model(ro["idx"])
+        assert any(not torch.equal(f.topk_idx.view_as(t), t) for f, t in zip(model.ffns, ro["topk_full"]))
     loss_full, g_full = grads(10_000)
     loss_split, g_split = grads(40)
     assert len(length_buckets(valid.sum(1).tolist(), 40)) >= 3
@@ -325,7 +331,7 @@ def test_first_pass_stands_in_for_the_rollout_forward(algo):
     model, ro = small_rollout(moved=False)
     n = len(ro["logp_old"])
     tok_adv = torch.randn(ro["valid"].size(0), generator=torch.Generator().manual_seed(1))[ro["sample_of_token"]]
-    args = argparse.Namespace(algo=algo, gamma_min=0.5, epsilon=0.2, epsilon_high=None, w_anchor=0.0,
+    args = argparse.Namespace(algo=algo, gamma_min=0.5, epsilon=0.2, epsilon_high=0.2, w_anchor=0.0,
                               w_align=0.0, w_distill=0.0, w_aux=0.0, temperature=1.0)
     counts = dict(tokens=n, good=int((tok_adv > 0).sum()), valid=int(ro["valid"].sum()))
     bare = {k: v for k, v in ro.items() if k not in ("logp_old", "logg_old", "topk_old")}
@@ -359,7 +365,7 @@ def test_ranks_weighted_shares_average_to_the_global_batch_loss(algo):
     valid, n = ro["valid"], len(ro["logp_old"])
     tok_adv = torch.randn(valid.size(0), generator=torch.Generator().manual_seed(2))[ro["sample_of_token"]]
     extra = dict(t_logits=torch.randn(n, 64), p_t=[torch.softmax(torch.randn(n, 4), -1) for _ in range(2)])
-    args = argparse.Namespace(algo=algo, gamma_min=0.5, epsilon=0.2, epsilon_high=None, w_anchor=0.5,
+    args = argparse.Namespace(algo=algo, gamma_min=0.5, epsilon=0.2, epsilon_high=0.2, w_anchor=0.5,
                               w_align=0.3, w_distill=0.2, w_aux=0.4, temperature=1.0)
 
     def buckets_of(rows):
@@ -413,7 +419,7 @@ def test_bucketed_switch_loss_is_the_full_batch_switch_loss():
     model, ro = small_rollout()
     valid = ro["valid"]
     tok_adv = torch.zeros(len(ro["logp_old"]))  # A = 0: the surrogate is 0, the loss is the Switch term
-    args = argparse.Namespace(algo="grpo", epsilon=0.2, epsilon_high=None, w_distill=0.0, w_aux=1.0, temperature=1.0)
+    args = argparse.Namespace(algo="grpo", epsilon=0.2, epsilon_high=0.2, w_distill=0.0, w_aux=1.0, temperature=1.0)
     buckets = [bucket(ro, tok_adv, rows, T) for rows, T in length_buckets(valid.sum(1).tolist(), 40)]
     counts = dict(tokens=len(tok_adv), good=0, valid=int(valid.sum()), share=expert_share(model, buckets))
     got = sum(policy_loss(model, b, args, counts)[0] for b in buckets)
