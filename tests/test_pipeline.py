@@ -287,3 +287,29 @@ def test_stage2_bias_balances_the_routing(smoke, tmp_path):
         biases = [v for k, v in weights.items() if k.endswith("select_bias")]
         assert biases and all((b.abs().sum() > 0) == (u != "0") for b in biases)
     assert vio["0.05"] < vio["0"]
+
+
+def test_stage3_resume_with_the_logit_scale_lands_where_a_full_run_does(smoke, tmp_path, monkeypatch):
+    """The resume file holds the student with its logit scale (parametrized names) and the
+    scale's optimizer group; resumed from step 10 of 12, with a lagged bf16 copy that also
+    carries the scale, the run ends on the uninterrupted run's weights and scale."""
+    import common
+    import stage3_prgrpo as s3
+    d, _ = smoke
+    monkeypatch.setattr(common, "clear_resume", lambda args: None)  # keep step 10's resume file
+
+    def train(name, *extra):
+        return s3.train(s3.parser.parse_args(["--preset", "tiny", "--steps", "12", "--n-test", "2", "--lag", "1",
+                                              "--rollout-dtype", "bf16", "--in", str(d / "stage2.pt"), "--device", "cpu",
+                                              "--out", str(tmp_path / name), "--log", str(tmp_path / f"{name}.jsonl"),
+                                              *extra]))
+    m = train("full.pt")
+    assert m["logit_scale"] != 1.0
+    os.replace(tmp_path / "full.pt.resume.pt", tmp_path / "part.pt.resume.pt")
+    assert train("part.pt", "--resume")["logit_scale"] == m["logit_scale"]
+    logged = [r["step"] for r in map(json.loads, open(tmp_path / "part.pt.jsonl")) if not r.get("final")]
+    assert logged == [11, 12]  # it went on from the resume file, not from the start
+    a, b = load(tmp_path / "full.pt")["model"], load(tmp_path / "part.pt")["model"]
+    assert set(a) == set(b) and not any("parametrizations" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
