@@ -24,10 +24,9 @@ makes mu full-batch AdamW steps on the same rollouts (policy_loss below):
           p_T is the teacher's path from the Stage I clusters (losses.teacher_paths).
 Every algorithm keeps the same two Stage II terms, so a comparison measures the algorithms:
     + w_distill * mean_t KL(T || S)  +  w_gold * mean over the prompts' gold-solution tokens of -log pi_theta
-Every algorithm also learns a logit scale s at its own lr (--lr-scale; rl.add_logit_scale: logits
-times exp(s), a learned 1/temperature, folded into ln_f's gain at the end): a step's 512 samples
-estimate the gradient of one number well and that of the weights poorly, so the scale is what
-the RL measurably moves. It sharpens sampling; greedy decoding it cannot change.
+Every algorithm also learns a logit scale s (--lr-scale; rl.add_logit_scale: logits times exp(s), a
+learned 1/temperature that greedy decoding cannot feel): 512 samples a step estimate one number's
+gradient well and the weights' poorly, so the scale is what the RL measurably moves.
 
 The rollout/update mismatch of large systems, off by default, for every algorithm (rl.RolloutCopy):
 `--lag N` samples from a copy of the policy N rollout steps (N x mu updates) old (asynchronous
@@ -50,7 +49,7 @@ Defaults (the measurements behind each: docs/journal.md):
   lr 1e-4 moved sampled pass@1 by +0.6 [-0.4, +1.6] only, at 3.5 times the cost.
 - --mu 2: 4 and 8 cost GRPO 2.7 and 7.8 test points; --epsilon 0.2 (PPO's), gamma_min 0.5
   (RSPO's floor): the spec's.
-- --temperature 1: 0.7 and 0.5 left validation accuracy where it was (47.5 against 47.7).
+- Rollouts at temperature 1, not a flag: 0.7 and 0.5 measured no better; the scale learns it.
 - --w-gold 1: +0.8 greedy points over 0; --w-distill 0.05; --w-anchor 0.5, --w-align 0.05: our reading.
 
 Deviations from the paper (simplifications at small scale):
@@ -119,7 +118,6 @@ def make_parser(description, stage, inp, out):
     p.add_argument("--epsilon", type=float, help="lower clip range: rho >= 1 - epsilon (default 0.2; gspo 3e-4)")
     p.add_argument("--epsilon-high", type=float, help="upper clip range: rho <= 1 + epsilon_high (default: "
                    "--epsilon; gspo 4e-4)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     p.add_argument("--lag", type=int, default=0,
                    help="rollouts from a copy of the policy this many steps old (asynchronous RL's staleness)")
     p.add_argument("--rollout-dtype", choices=["fp32", "bf16"], default="fp32",
@@ -136,7 +134,7 @@ def make_parser(description, stage, inp, out):
 
 # what each flag may be (common.check_args); G = 1 would give every sample advantage 0
 LIMITS = dict(steps=(1, None), prompts=(1, None), group=(2, None), mu=(1, None), lr=(0, None), lr_final=(0, 1),
-              lr_scale=(0, None), epsilon=(0, 1), epsilon_high=(0, None), temperature=(1e-6, None), lag=(0, None),
+              lr_scale=(0, None), epsilon=(0, 1), epsilon_high=(0, None), lag=(0, None),
               max_new=(1, None), gamma_min=(0, 1), w_anchor=(0, None), w_align=(0, None), w_distill=(0, None),
               w_gold=(0, None), micro_tokens=(1, None), n_probe=(1, None), rs_every=(1, None), w_aux=(0, None),
               alpha=(0, None), bias_rate=(0, None), calibrate=(0, None))
@@ -164,7 +162,7 @@ def policy_loss(student, b, args, counts):
     finally:
         student.set_replay(None)
     mflat = b["mask"].flatten()
-    logp = token_logprobs(logits, b["targets"], args.temperature)
+    logp = token_logprobs(logits, b["targets"])
     logg = [f.router_probs[mflat].clamp(min=1e-9).log() for f in student.ffns]
     if "logp_old" not in b:
         # the first pass over a rollout runs at the weights that sampled it, so its own values,
@@ -227,7 +225,8 @@ def rollout(student, enc, batch, args, gen, device, record_old=True):
         prompts += [p] * args.group
         golds += [ex["answer"]] * args.group
     student.eval()
-    completions = student.generate(prompts, args.max_new, temperature=args.temperature, eos_id=eos, generator=gen)
+    # temperature 1: the policy's own distribution, whose learned logit scale is the temperature
+    completions = student.generate(prompts, args.max_new, temperature=1.0, eos_id=eos, generator=gen)
     completions = [c if c else [eos] for c in completions]
     texts = [data.decode_completion(enc, c) for c in completions]
     correct = torch.tensor([float(grader.is_equiv(grader.extract_answer(t), g)) for t, g in zip(texts, golds)])
@@ -241,7 +240,7 @@ def rollout(student, enc, batch, args, gen, device, record_old=True):
         with torch.no_grad(), common.autocast(device):
             logits, _ = student(idx)
         mflat = (targets >= 0).flatten()
-        ro.update(logp_old=token_logprobs(logits, targets, args.temperature),
+        ro.update(logp_old=token_logprobs(logits, targets),
                   logg_old=[f.router_probs[mflat].clamp(min=1e-9).log() for f in student.ffns],
                   topk_old=[f.topk_idx[mflat] for f in student.ffns],
                   # every routed token, prompt included: the load that inference pays for

@@ -127,7 +127,7 @@ def test_kill_during_the_save_keeps_the_old_file_and_cleans_up(teacher, tmp_path
     ("stage2_distill", ["--eval-every", "0"], "--eval-every 0"),
     ("stage2_distill", ["--stop-after", "0"], "--stop-after 0"),
     ("stage3_prgrpo", ["--group", "1"], "--group 1: must be at least 2"),
-    ("stage3_prgrpo", ["--temperature", "0"], "--temperature 0"),
+    ("stage3_prgrpo", ["--lr-scale", "-1"], "--lr-scale -1"),
 ])
 def test_bad_values_are_refused_before_any_work(tmp_path, script, argv, what):
     mod = __import__(script)
