@@ -182,8 +182,7 @@ def policy_loss(student, b, args, counts):
         gamma = router_shift_weight(logg, b["logg_old"], b["topk_old"], args.gamma_min)
     # gspo: one ratio per sequence, (pi_theta / pi_old)^(1/|y|), given to each of its tokens
     logp_pg = sequence_logp(logp, b["logp_old"], b["seq"]) if args.algo == "gspo" else logp
-    eps_high = args.epsilon_high
-    loss = clipped_surrogate(logp_pg, b["logp_old"], b["adv"], args.epsilon, gamma, eps_high).sum() / n
+    loss = clipped_surrogate(logp_pg, b["logp_old"], b["adv"], args.epsilon, gamma, args.epsilon_high).sum() / n
     shift = sum((lg.exp() - lo.exp()).abs().sum() for lg, lo in zip(logg, b["logg_old"])) / L
     if args.algo == "prgrpo":
         if args.w_anchor > 0:
@@ -202,7 +201,8 @@ def policy_loss(student, b, args, counts):
                   for share, f in zip(counts["share"], student.ffns))
         loss = loss + args.w_aux * aux / count("valid")
     changed = torch.stack([topk_changed(f.topk_natural[mflat], k) for f, k in zip(student.ffns, b["topk_old"])])
-    return loss, dict(gamma=gamma, clipped=clipped_tokens(logp_pg, b["logp_old"], b["adv"], args.epsilon, gamma, eps_high),
+    clipped = clipped_tokens(logp_pg, b["logp_old"], b["adv"], args.epsilon, gamma, args.epsilon_high)
+    return loss, dict(gamma=gamma, clipped=clipped,
                       topk_changed=changed.float().mean(0), extreme=extreme_ratio(logp, b["logp_old"]),
                       shift=shift.detach())
 
