@@ -356,7 +356,6 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
             counts["weight"] = {k: common.global_weight(counts[k], device) for k in ("tokens", "good", "valid")}
         if after_rollout is not None:
             after_rollout(student, ro)
-        passes = []
         for _ in range(args.mu):
             if args.w_aux > 0:
                 counts["share"] = expert_share(student, buckets)
@@ -375,12 +374,11 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
                 (args.w_gold * l_gold).backward()
                 loss += args.w_gold * l_gold.detach()
             common.optimizer_step(student, opt)
-            passes.append(dict(loss=float(loss), **update_stats(diags, args.gamma_min)))
-            if l_gold is not None:
-                passes[-1]["loss_gold"] = float(l_gold.detach())
-        # the last pass: the one furthest from the rollout's policy (without a mismatch the first
-        # runs at the rollout's weights, so its gamma is 1 and its clip and drift are 0)
-        stats = passes[-1]
+        # logged: the last pass, the one furthest from the rollout's policy (without a mismatch the
+        # first runs at the rollout's weights, so its gamma is 1 and its clip and drift are 0)
+        stats = dict(loss=float(loss), **update_stats(diags, args.gamma_min))
+        if l_gold is not None:
+            stats["loss_gold"] = float(l_gold.detach())
         # uniform groups: every sample equally right (or wrong), so no correctness signal (DAPO's
         # zero-variance groups); Stage IV's balance term is then all their advantage carries
         c = ro["correct"].view(-1, args.group)
