@@ -518,9 +518,14 @@ def figure4_verdict(shifts, suffix=""):
     for lo, hi in zip(names, names[1:]):
         ml, mh = (sum(shifts[n]) / len(shifts[n]) for n in (lo, hi))
         rel = gaps.get((lo, hi))
-        beyond = rel is not None and len(rel[0]) > 1 and rel[1] + rel[2] < 0
-        words = ("not lower" if ml >= mh else "lower, beyond the seeds' 95% interval" if beyond else
-                 "lower in the mean, within the seeds' noise" if rel and len(rel[0]) > 1 else "lower in the mean (one seed: no interval)")
+        paired = rel is not None and len(rel[0]) > 1  # two seeds or more: an interval over seeds
+        beyond = paired and rel[1] + rel[2] < 0
+        if ml >= mh:
+            words = "not lower"
+        elif paired:
+            words = "lower, beyond the seeds' 95% interval" if beyond else "lower in the mean, within the seeds' noise"
+        else:
+            words = "lower in the mean (one seed: no interval)"
         gap = f" (per seed {', '.join(f'{r:+.0f}%' for r in rel[0])}; mean {rel[1]:+.0f}% ± {rel[2]:.0f}%)" if rel else ""
         lines.append(f"{lo} {num(ml)} vs {hi} {num(mh)}: {words}{gap}")
         lower.append(ml < mh)

@@ -169,9 +169,9 @@ def bake_logit_scale(model):
 class RolloutCopy:
     """The policy the rollouts come from where it is not the updated policy itself: a copy `lag`
     rollout steps (lag x mu updates) behind (asynchronous RL's staleness) and/or in bf16 (an
-    inference engine's precision), as large systems have it. Called before each rollout with the student, it keeps
-    the student's weights and loads those of `lag` calls ago (fewer at the start) into the copy;
-    `history` is what a resume file stores to go on with the same lag."""
+    inference engine's precision), as large systems have it. Called before each rollout with
+    the student, it keeps the student's weights and loads those of `lag` calls ago (fewer at the
+    start) into the copy; `history` is what a resume file stores to go on with the same lag."""
 
     def __init__(self, model, lag, dtype=torch.float32, history=()):
         self.model = model.to(dtype)
