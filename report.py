@@ -170,7 +170,8 @@ def drift_band(ms):
     """One algorithm's metrics, a dict per seed -> {"steps": the steps every seed ran, per metric
     (DRIFT, "reward") its mean over seeds per step and "<metric>_ci95" the 95% half-width,
     "last_third": {metric: each seed's mean over its last third}, "reward_tenths": {"first",
-    "last": each seed's}}. A metric some seed lacks is left out; a step where some seed has no
+    "last": each seed's}, "reward_probe": {"start", "end": each seed's mean, "rise_interval": over
+    the probe's problems}}. A metric some seed lacks is left out; a step where some seed has no
     value (the probe's router shift is measured every rs_every steps) is None in both lists, so
     no step's mean is over fewer seeds than another's. None if no metric is left."""
     per = [per_step(m) for m in ms]
@@ -187,6 +188,14 @@ def drift_band(ms):
     if "reward" in keys:
         first, last = zip(*(tenths(p["reward"]) for p in per))
         out["reward_tenths"] = {"first": list(first), "last": list(last)}
+    probes = [m.get("reward_probe") for m in ms]
+    if all(probes):  # the same training problems and random numbers at the start and the end
+        k = probes[0]["samples"]
+        if any(p["samples"] != k for p in probes):
+            raise common.UserError(f"the seeds' reward probes drew different numbers of samples: {[p['samples'] for p in probes]}")
+        out["reward_probe"] = {w: [sum(p[w]) / (k * len(p[w])) for p in probes] for w in ("start", "end")}
+        lo, hi = eval_math.paired_interval([p["end"] for p in probes], [p["start"] for p in probes], k=k)
+        out["reward_probe"]["rise_interval"] = [lo / 100, hi / 100]
     return out
 
 
@@ -538,7 +547,8 @@ def figure4_verdict(shifts, suffix=""):
 def rl_table(summary, metrics, seeds):
     """Markdown rows of the RL algorithms (RS_NODES) that every seed finished: greedy and sampled
     pass@1 and each minus kd_only (over seeds; over the test problems), the train reward's first
-    and last tenth and each drift metric over the last third, mean +- 95% over seeds."""
+    and last tenth, its rise on the fixed reward probe (over seeds; over the probe's problems)
+    and each drift metric over the last third, mean +- 95% over seeds."""
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
 
     def band(xs):
@@ -552,7 +562,8 @@ def rl_table(summary, metrics, seeds):
         iv = paired_problems(metrics, seeds, node, "s2", sampled)
         return f"{g[1]:+.1f} ± {g[2]:.1f}" + (f" [{iv[0]:+.1f}, {iv[1]:+.1f}]" if iv else "")
     rows = ["| algorithm | greedy | minus kd_only | sampled | minus kd_only | reward, first tenth | reward, last tenth | "
-            + " | ".join(f"{k}, last third" for k in DRIFT) + " |", "|---|" + "---|" * (6 + len(DRIFT))]
+            "reward probe, end minus start | " + " | ".join(f"{k}, last third" for k in DRIFT) + " |",
+            "|---|" + "---|" * (7 + len(DRIFT))]
     for algo, node in RS_NODES.items():
         if not all((node, s) in metrics for s in seeds):
             continue
@@ -564,6 +575,9 @@ def rl_table(summary, metrics, seeds):
                  vs_kd(node, "acc_sampled", True)]
         tenth = d.get("reward_tenths")
         cells += [band(tenth["first"]), band(tenth["last"])] if tenth else ["", ""]
+        probe = d.get("reward_probe")
+        cells.append(f"{band([b - a for a, b in zip(probe['start'], probe['end'])])} "
+                     f"[{probe['rise_interval'][0]:+.3f}, {probe['rise_interval'][1]:+.3f}]" if probe else "")
         cells += [band(d["last_third"][k]) if k in d.get("last_third", {}) else "" for k in DRIFT]
         rows.append("| " + " | ".join(cells) + " |")
     return rows if len(rows) > 2 else []
@@ -856,7 +870,9 @@ def rl_section(summary, metrics, seeds):
          f"rollout/update mismatch (`+mismatch`: `{' '.join(MISMATCH)}`, rollouts from a policy copy 2 steps "
          "old, in bf16). Accuracies in percent; minus kd_only: the paired gap in points to the Stage II "
          "checkpoint they all start from, mean ± 95% over seeds and [95% over the test problems]. The train "
-         "reward is the share of right rollout samples; the drift metrics are per step: the probe's router "
+         "reward is the share of right rollout samples, along the steps' own prompts (first and last tenth) "
+         "and on the reward probe (the same `--n-probe` training problems and random numbers at the start and at the end, "
+         "so the prompts' difficulty cancels; [95% over its problems]); the drift metrics are per step: the probe's router "
          "shift, and on the step's samples the share of tokens whose top-k expert set differs from the rollout "
          "policy's and the share whose importance ratio is outside [0.5, 2]; each as its mean over the last "
          "third of the steps, ± 95% over seeds.", "", *rl, ""]

@@ -9,6 +9,7 @@ The pieces of the RL stages (III and IV) as small pure functions (the tests chec
     RS(u, u') = mean_l E_t sum_j |G_u(x_t)_j - G_u'(x_t)_j|               router_shift
     b_i   = mean_l H(load_i,l) / log E                                    balance_reward (Stage IV)
     logits = exp(s) * lm_head(ln_f(x))                                    add_logit_scale (a learned 1/T)
+    logits / exp(s), no gradient to s                                     unscaled (the Stage II terms')
 
 The updates run on length-sorted micro-batches (length_buckets, bucket) whose token sums are
 divided by the whole batch's counts, so accumulated gradients are the full batch's.
@@ -150,13 +151,29 @@ class LogitScale(torch.nn.Module):
         return gain * self.log_scale.exp()
 
 
-def add_logit_scale(model):
-    """Give model a learned logit scale, starting at 1 (torch parametrize on ln_f's weight), and
-    return its parameter, log_scale. The state dict then names ln_f's gain
+def add_logit_scale(model, value=1.0):
+    """Give model a learned logit scale (torch parametrize on ln_f's weight) that reads `value`
+    with the logits unchanged (ln_f's gain divided by it: a scale a previous stage baked in,
+    taken out again), and return its parameter, log_scale. The state dict then names ln_f's gain
     transformer.ln_f.parametrizations.weight.original; bake_logit_scale makes it plain again."""
     ln_f = model.transformer.ln_f
+    with torch.no_grad():
+        ln_f.weight.div_(value)
     parametrize.register_parametrization(ln_f, "weight", LogitScale().to(ln_f.weight.device))
-    return ln_f.parametrizations.weight[0].log_scale
+    log_scale = ln_f.parametrizations.weight[0].log_scale
+    with torch.no_grad():
+        log_scale.fill_(math.log(value))
+    return log_scale
+
+
+def unscaled(model, logits):
+    """The logits without the model's learned scale, logits / exp(s), which do not depend on s:
+    a loss on them moves the weights only (the gradients reaching s through the scale and through
+    the division cancel, to rounding)."""
+    ln_f = model.transformer.ln_f
+    if not parametrize.is_parametrized(ln_f, "weight"):
+        return logits
+    return logits.float() * (-ln_f.parametrizations.weight[0].log_scale).exp()  # fp32: bf16 would not cancel
 
 
 def bake_logit_scale(model):

@@ -26,7 +26,8 @@ Every algorithm keeps the same two Stage II terms, so a comparison measures the 
     + w_distill * mean_t KL(T || S)  +  w_gold * mean over the prompts' gold-solution tokens of -log pi_theta
 Every algorithm also learns a logit scale s (--lr-scale; rl.add_logit_scale: logits times exp(s), a
 learned 1/temperature that greedy decoding cannot feel): 512 samples a step estimate one number's
-gradient well and the weights' poorly, so the scale is what the RL measurably moves.
+gradient well and the weights' poorly, so the scale is what the RL measurably moves. The two
+Stage II terms see logits / exp(s) (rl.unscaled): they hold the weights, the RL alone sets s.
 
 The rollout/update mismatch of large systems, off by default, for every algorithm (rl.RolloutCopy):
 `--lag N` samples from a copy of the policy N rollout steps (N x mu updates) old (asynchronous
@@ -37,24 +38,24 @@ runs at the rollout's weights, so its ratio and gamma are exactly 1 and no extra
 Logged every step, the drift of the updated policy from the sampling one: on the step's tokens
 the share whose top-k set changed (`topk_changed`), whose ratio is outside [0.5, 2]
 (`extreme_ratio`), the router shift (`rs_samples`); on a fixed probe, RS(u, u') = mean_l E_t
-sum_j |G_u(x_t)_j - G_u'(x_t)_j| (rl.router_shift), the paper's Figures 4 and 5. Stage IV
-(stage4_balance.py) is this loop plus a balance reward and a selection-only router bias.
+sum_j |G_u(x_t)_j - G_u'(x_t)_j| (rl.router_shift), the paper's Figures 4 and 5; at the start and
+the end, the train reward on fixed problems (probe_reward). Stage IV is this loop plus a balance
+reward and a selection-only router bias (stage4_balance.py).
 
 Defaults (the measurements behind each: docs/journal.md):
 - --lr 3e-5, cosine to 10%: chosen on validation over 1e-4, 5e-5, 2e-5; at 64 prompts a step,
   1e-4 cost 1.3 greedy points and 3e-4 (constant) 3.7.
-- --lr-scale 2e-2: test sampled pass@1 +4.3 over Stage II (seeds 0-2), greedy +1.0; 1e-2 and
-  5e-2 gave +4.4 and +5.3 on seed 0 (the scale settles near 1.5 against the gold term's pull).
-- 32 steps x 16 prompts x G 8: the study's time budget (~1 min here); 64 prompts x 16 steps at
+- --lr-scale 3e-2: test sampled pass@1 +7.8 over Stage II (seeds 0-2), greedy +0.7, train reward
+  +0.10, exp(s) 2.3, pass@8 -3.7; 2e-2: +6.2, +0.07, pass@8 -1.2; 5e-2: +9.1, +0.11, pass@8 -6.3.
+- 32 steps x 16 prompts x G 8: the study's time budget (~2 min here); 64 prompts x 16 steps at
   lr 1e-4 moved sampled pass@1 by +0.6 [-0.4, +1.6] only, at 3.5 times the cost.
-- --mu 2: 4 and 8 cost GRPO 2.7 and 7.8 test points; --epsilon 0.2 (PPO's), gamma_min 0.5
-  (RSPO's floor): the spec's.
+- --mu 2: 4 and 8 cost GRPO 2.7 and 7.8 test points; --epsilon 0.2, gamma_min 0.5: the spec's.
 - Rollouts at temperature 1, not a flag: 0.7 and 0.5 measured no better; the scale learns it.
+- The Stage II terms on logits / exp(s): on the scaled logits they held exp(s) near 1.5 (+4.3).
 - --w-gold 1: +0.8 greedy points over 0; --w-distill 0.05; --w-anchor 0.5, --w-align 0.05: our reading.
 
 Deviations from the paper (simplifications at small scale):
-1. mu full-batch updates per rollout, not many minibatch updates: minibatches cost accuracy
-   and still left RSPO's gamma within 1% of 1.
+1. mu full-batch updates per rollout, not many minibatch ones (those cost accuracy; gamma ~1).
 2. No KL to a reference model and no format reward (the spec allows a small one).
 3. The gold cross-entropy is our addition (Stage II's, see stage2_distill.py).
 4. Prompts come from the suite's training split (subdomain first, then a problem); evaluation
@@ -63,9 +64,8 @@ Deviations from the paper (simplifications at small scale):
    GSPO's mean over sequences, so the algorithms differ in their ratio only.
 6. The learned logit scale is ours (the paper's RL moves the weights only).
 
-Updates run on length-sorted micro-batches (rl.length_buckets) whose token sums divide by the
-whole batch's count, so each step is the full batch's; under torchrun a group stays on one rank
-and every term is weighted to the global batch (common.global_weight).
+Updates run on length-sorted micro-batches (rl.length_buckets) summed to the full batch's step;
+under torchrun a group stays on one rank, each term weighted to the global batch (common.global_weight).
 
     python stage3_prgrpo.py --in out/default/stage2.pt --out out/default/stage3.pt --algo prgrpo
     python stage3_prgrpo.py --algo r3 --lag 2 --rollout-dtype bf16 --out out/default/stage3_r3.pt
@@ -86,7 +86,7 @@ from losses import gold_ce, path_kl, teacher_paths, token_kl_loss
 from model import count_params
 from rl import (RolloutCopy, add_logit_scale, bake_logit_scale, bucket, clipped_surrogate, clipped_tokens, expert_share,
                 extreme_ratio, group_advantages, length_buckets, router_shift, router_shift_weight, sequence_logp,
-                token_logprobs, topk_changed, update_stats)
+                token_logprobs, topk_changed, unscaled, update_stats)
 
 PRESETS = {
     "tiny": dict(steps=4, prompts=4, group=4, n_probe=16, n_test=42, rs_every=1, micro_tokens=2048,
@@ -113,7 +113,7 @@ def make_parser(description, stage, inp, out):
     p.add_argument("--lr", type=float, default=3e-5, help="peak learning rate")
     p.add_argument("--lr-final", type=float, default=0.1,
                    help="cosine decay of the lr to this fraction of --lr by the last step (1 = constant)")
-    p.add_argument("--lr-scale", type=float, default=2e-2,
+    p.add_argument("--lr-scale", type=float, default=3e-2,
                    help="peak lr of the learned logit scale, a temperature the RL learns (rl.add_logit_scale); 0: none")
     p.add_argument("--epsilon", type=float, help="lower clip range: rho >= 1 - epsilon (default 0.2; gspo 3e-4)")
     p.add_argument("--epsilon-high", type=float, help="upper clip range: rho <= 1 + epsilon_high (default: "
@@ -192,7 +192,8 @@ def policy_loss(student, b, args, counts):
             align = sum(path_kl(p[good], lg[good].exp()).sum() for p, lg in zip(b["p_t"], logg)) / (L * count("good"))
             loss = loss + args.w_align * align
     if args.w_distill > 0:
-        loss = loss + args.w_distill * token_kl_loss(b["t_logits"], logits[b["mask"]], beta=0.0).sum() / n
+        kl = token_kl_loss(b["t_logits"], unscaled(student, logits[b["mask"]]), beta=0.0)
+        loss = loss + args.w_distill * kl.sum() / n
     if args.w_aux > 0:
         # Switch loss E sum_e f_e P_e: f_e is the whole batch's (counts["share"]), and P_e, a mean
         # of router probabilities over the batch's valid tokens, splits into per-bucket sums
@@ -251,6 +252,17 @@ def rollout(student, enc, batch, args, gen, device, record_old=True):
     return ro
 
 
+def probe_reward(student, enc, problems, args, device):
+    """Each probe problem's count of right samples of G at temperature 1, drawn from one fixed
+    seed: the same prompts and the same random numbers at the start and at the end, so their
+    difference is the policy's, not the prompts' difficulty (one step's 16 prompts swing the
+    step's reward by +-0.1)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0)
+    ro = rollout(student, enc, problems, args, gen, device, record_old=False)
+    return ro["correct"].view(-1, args.group).sum(1).int().tolist()
+
+
 def train(args, advantages=None, after_rollout=None, before_loop=None, continue_stream=False):
     """The RL loop shared by Stages III and IV.
 
@@ -288,11 +300,16 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
     probe_idx, _, probe_valid = common.pad_batch(*zip(*probe), device)
     probe_valid = probe_valid.flatten()
     # the learned logit scale (the docstring's 1/T) in its own group: a single number whose
-    # gradient averages over every sampled token moves at a far larger lr than the weights can
+    # gradient averages over every sampled token moves at a far larger lr than the weights can.
+    # It starts where an input from Stage III left it (taken back out of ln_f's gain), so the
+    # Stage II terms see the same unscaled logits in every stage; --lr-scale 0 holds it fixed.
     groups = [dict(params=list(student.parameters()), peak=args.lr)]
-    scale = add_logit_scale(student) if args.lr_scale > 0 else None
-    if scale is not None:
+    start_scale = sckpt["metrics"].get("logit_scale") or 1.0
+    scale = add_logit_scale(student, start_scale) if args.lr_scale > 0 or start_scale != 1.0 else None
+    if scale is not None and args.lr_scale > 0:
         groups.append(dict(params=[scale], peak=args.lr_scale))
+    elif scale is not None:
+        scale.requires_grad_(False)
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     start, state = common.maybe_resume(args, student, opt, inputs)
     gen = torch.Generator(device=device)
@@ -314,6 +331,10 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
     t0 = time.time()
     if before_loop is not None and start == 0:
         before_loop(student, enc, sample, device, log)
+    # the train reward on fixed training problems, at the start and at the end (probe_reward);
+    # string seeds, as no prompt stream's integer seed can be one (Random(-n) is Random(n))
+    probe_problems = [sample(random.Random(f"reward probe {i}")) for i in range(args.n_probe)]
+    reward_start = state.get("reward_start") or probe_reward(student, enc, probe_problems, args, device)
     g_prev = state.get("g_prev") or probe_router(student, probe_idx, probe_valid)
     shifts = state.get("shifts", [])
     rewards_curve = state.get("rewards_curve", [])
@@ -370,7 +391,7 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
             if gold is not None:
                 with common.autocast(device):
                     g_logits, _ = student(gold[0])
-                l_gold = gold_ce(g_logits, gold[1], torch.tensor([], dtype=torch.long), device)
+                l_gold = gold_ce(unscaled(student, g_logits), gold[1], torch.tensor([], dtype=torch.long), device)
                 (args.w_gold * l_gold).backward()
                 loss += args.w_gold * l_gold.detach()
             common.optimizer_step(student, opt)
@@ -407,11 +428,12 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
         pbar.set_postfix(acc=f"{acc:.2f}", rs=f"{shifts[-1][1]:.4f}" if shifts else "-")
         if (step + 1) % 10 == 0 and step + 1 < args.steps:
             common.save_resume(args, student, opt, step + 1, sckpt["tokenizer"], g_prev=g_prev, shifts=shifts,
-                               rewards_curve=rewards_curve, drift=drift, made_from=inputs,
+                               rewards_curve=rewards_curve, drift=drift, made_from=inputs, reward_start=reward_start,
                                lag_history=list(copy.history) if copy is not None else [])
 
     logit_scale = float(scale.detach().exp()) if scale is not None else None
     bake_logit_scale(student)  # what is evaluated and saved is a plain GPT
+    reward_probe = dict(start=reward_start, end=probe_reward(student, enc, probe_problems, args, device), samples=args.group)
     res = eval_math.evaluate(student, enc, test, device, desc=f"{args.stage} test")
     active, total = count_params(student)
     last = [s for u, s in shifts if u > 2 * args.steps / 3] or [s for _, s in shifts]
@@ -420,7 +442,7 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
                    routing_entropy=res["routing_entropy"], max_vio=res["max_vio"], max_vio_per_layer=res["max_vio_per_layer"], expert_load=res["load"],
                    heatmap=res["heatmap"], router_shift=sum(last) / max(1, len(last)), router_shift_curve=shifts,
                    train_acc_curve=rewards_curve, drift_curve=drift, lag=args.lag, rollout_dtype=args.rollout_dtype,
-                   logit_scale=logit_scale,
+                   logit_scale=logit_scale, reward_probe=reward_probe,
                    active_params=active, total_params=total,
                    seconds=round(time.time() - t0, 1))
     common.save_checkpoint(args.out, common.make_checkpoint(student, sckpt["tokenizer"], args.stage, args, metrics,
@@ -429,6 +451,8 @@ def train(args, advantages=None, after_rollout=None, before_loop=None, continue_
                                   **{k: v for k, v in metrics.items() if k != "heatmap"}))
     common.clear_resume(args)
     eval_math.print_report({sckpt["stage"]: sckpt["metrics"], args.stage: metrics})
+    a, b = (sum(reward_probe[k]) / (args.group * args.n_probe) for k in ("start", "end"))
+    print(f"train reward on {args.n_probe} fixed training problems x {args.group}: {a:.3f} -> {b:.3f} ({b - a:+.3f})")
     print(f"wrote {args.out} ({metrics['seconds']:.0f} s)")
     return metrics
 

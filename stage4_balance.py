@@ -36,7 +36,8 @@ Defaults, chosen on the 500 validation problems over seeds 0-2 (the runs: docs/j
   --bias-rate 0.01 the study's PADD ends at MaxVio 0.09 (the study's target: at most 0.2).
 - constant lr 1e-5 (a third of Stage III's peak): 3e-5 cost ~0.7 points, 1e-5 nothing measurable.
 - a quarter of Stage III's steps (8): 16 steps and 20 steps measured no better.
-- --lr-scale 0: Stage III's learned temperature is kept, so against no_stage4 this measures the balance.
+- --lr-scale 0: Stage III's learned temperature is kept (held, its Stage II terms unscaled as
+  there), so against no_stage4 this measures the balance.
 - --calibrate 200: skipping it cost ~1 point; 60 steps measured the same as 200.
 - 32 problems a calibration step; the load of one step's batch (no moving average: an EMA of
   0.8 measured no better); the joint advantage of the spec (normalising r and b apart measured

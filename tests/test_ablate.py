@@ -463,6 +463,9 @@ def test_drift_per_step_means_and_bands_by_hand():
                                              "rs_samples": [0.0] * 3}, train_acc_curve=reward)
     ms["s3_grpo", 0]["drift_curve"]["extreme_ratio"] = [0.0] * 3  # seed 1 has none: left out
     ms["s3_rspo", 0]["drift_curve"] = ms["s3_grpo", 0]["drift_curve"]  # seed 1 of rspo has no curve at all
+    # the reward probe: right samples of 4 on each of two problems, at the start and at the end
+    ms["s3_grpo", 0]["reward_probe"] = dict(start=[1, 2], end=[2, 4], samples=4)
+    ms["s3_grpo", 1]["reward_probe"] = dict(start=[0, 0], end=[0, 4], samples=4)
     summ = build_summary(ms, [0, 1], "tiny", "abc")
     assert set(summ["drift"]) == {"grpo"}
     d = summ["drift"]["grpo"]
@@ -477,6 +480,10 @@ def test_drift_per_step_means_and_bands_by_hand():
     assert d["last_third"]["router_shift"] == pytest.approx([0.4, 0.6])
     assert d["last_third"]["topk_changed"] == pytest.approx([0.3, 0.5])
     assert d["reward_tenths"] == {"first": pytest.approx([0.0, 0.5]), "last": pytest.approx([1.0, 0.5])}
+    assert d["reward_probe"]["start"] == pytest.approx([0.375, 0.0]) and d["reward_probe"]["end"] == pytest.approx([0.75, 0.5])
+    # paired by problem over both seeds: problem 1 rose by 1 of 8 samples, problem 2 by 6 of 8;
+    # a resample of two problems is both first (0.125), both second (0.75) or one each
+    assert d["reward_probe"]["rise_interval"] == pytest.approx([0.125, 0.75])
     json.dumps(common.strict(summ), allow_nan=False)
     assert report.tenths({u: float(u) for u in range(1, 21)}) == (1.5, 19.5)  # 20 steps: two per tenth
 
@@ -509,7 +516,7 @@ def test_the_rl_section_reads_the_drift_curves_and_says_the_verdict(tmp_path):
     late = {"s3_prgrpo": 1.0, "s3_rspo": 2.0, "s3_grpo": 3.0}  # the mismatch runs: all 2.0 give or take a seed
     ms = drift_metrics([0, 1, 2], lambda n, s: late.get(n, 2.0 + 0.5 * (s - 1)) + 0.01 * s)
     for s in (0, 1, 2):
-        ms["s3_grpo", s]["acc"] = 0.4
+        ms["s3_grpo", s].update(acc=0.4, reward_probe=dict(start=[1, 1], end=[3, 3], samples=4))
     summ = build_summary(ms, [0, 1, 2], "tiny", "abc")
     assert set(summ["drift"]) == set(report.RS_NODES)
     assert summ["drift"]["prgrpo"]["last_third"]["router_shift"] == pytest.approx([1.0, 1.01, 1.02])  # step 6 only
@@ -521,8 +528,9 @@ def test_the_rl_section_reads_the_drift_curves_and_says_the_verdict(tmp_path):
             "(without it: the claims list below): does not hold.") in text
     assert "- prgrpo+mismatch 2.01 vs rspo+mismatch 2.01: not lower (per seed +0%, +0%, +0%;" in text
     row = next(x for x in text.splitlines() if x.startswith("| grpo |"))
-    # greedy 40.0, +10 points over kd_only on every seed; no sampled grades stored; reward 0.1 -> 0.6
-    assert row.startswith("| grpo | 40.0 ± 0.0 | +10.0 ± 0.0 |  |  | 0.1 ± 0 | 0.6 ± 0 | 3.01 ± ")
+    # greedy 40.0, +10 points over kd_only on every seed; no sampled grades stored; reward 0.1 -> 0.6;
+    # on the probe 0.25 -> 0.75
+    assert row.startswith("| grpo | 40.0 ± 0.0 | +10.0 ± 0.0 |  |  | 0.1 ± 0 | 0.6 ± 0 | 0.5 ± 0 [+0.500, +0.500] | 3.01 ± ")
     assert row.endswith(f"| 0.1 ± {4.303 * 0.1 / math.sqrt(3):.4g} | 0.01 ± 0 |")  # top-k changed 0, 0.1, 0.2
 
 

@@ -56,6 +56,14 @@ def test_checkpoint_contract(smoke):
     assert load(d / "stage1.pt")["clusters"] is not None
 
 
+def test_stage4_keeps_stage3s_logit_scale(smoke):
+    """Stage III learns a logit scale and bakes it into ln_f; Stage IV takes it back out and
+    holds it (--lr-scale 0), so its checkpoint records the same scale."""
+    d, _ = smoke
+    s3, s4 = (load(d / f"{stage}.pt")["metrics"]["logit_scale"] for stage in ("stage3", "stage4"))
+    assert s3 != 1.0 and s4 == pytest.approx(s3, rel=1e-6)
+
+
 def test_checkpoint_decodes_with_its_own_tokenizer(smoke):
     import data
     d, _ = smoke
@@ -184,15 +192,15 @@ def test_router_shift_and_lr_logged_for_every_algo(smoke, tmp_path, algo, extra)
     assert lrs == [common.lr_at(s, 2, 3e-5, final=0.1) for s in range(2)] and lrs[1] < lrs[0]
 
 
-@pytest.mark.parametrize("algo,extra", [("grpo", []), ("prgrpo", ["--w-gold", "0"])])
-def test_policy_gradient_raises_the_reward_it_is_given(smoke, tmp_path, algo, extra):
+@pytest.mark.parametrize("algo", ["grpo", "prgrpo"])
+def test_policy_gradient_raises_the_reward_it_is_given(smoke, tmp_path, algo):
     """The RL loop learns what its reward asks. The tiny student never answers right, so the
     reward here is a length one, -(completion tokens), group-normalised like GRPO's and passed
     in through the advantages hook Stage IV uses; everything after the reward is the real loop
     (rollout, buckets, clipped surrogate, mu passes, AdamW). 8 steps at a large lr must shorten
     the samples (with the sign flipped, checked by hand, they grow to the 32-token cap instead).
-    prgrpo runs without the gold term, which pulls toward the gold solutions' length whatever
-    the reward says."""
+    Both run without the gold term, which pulls toward the gold solutions' length whatever the
+    reward says (with it, the lengths turn back up after step 6)."""
     import stage3_prgrpo as s3
     from rl import group_advantages
     d, _ = smoke
@@ -205,7 +213,7 @@ def test_policy_gradient_raises_the_reward_it_is_given(smoke, tmp_path, algo, ex
 
     args = s3.parser.parse_args(["--preset", "tiny", "--algo", algo, "--steps", "8", "--lr", "3e-3", "--lr-final", "1",
                                  "--n-test", "2", "--in", str(d / "stage2.pt"), "--device", "cpu",
-                                 "--out", str(tmp_path / "s3.pt"), "--log", str(tmp_path / "s3.jsonl"), *extra])
+                                 "--out", str(tmp_path / "s3.pt"), "--log", str(tmp_path / "s3.jsonl"), "--w-gold", "0"])
     args.max_new = 32  # a preset value: shorter than the tiny preset's, so that 8 steps show the trend
     s3.train(args, advantages=advantages)
     assert len(lengths) == 8
@@ -290,9 +298,10 @@ def test_stage2_bias_balances_the_routing(smoke, tmp_path):
 
 
 def test_stage3_resume_with_the_logit_scale_lands_where_a_full_run_does(smoke, tmp_path, monkeypatch):
-    """The resume file holds the student with its logit scale (parametrized names) and the
-    scale's optimizer group; resumed from step 10 of 12, with a lagged bf16 copy that also
-    carries the scale, the run ends on the uninterrupted run's weights and scale."""
+    """The resume file holds the student with its logit scale (parametrized names), the
+    scale's optimizer group and the reward probe's start; resumed from step 10 of 12, with a
+    lagged bf16 copy that also carries the scale, the run ends on the uninterrupted run's
+    weights, scale and probe."""
     import common
     import stage3_prgrpo as s3
     d, _ = smoke
@@ -306,7 +315,15 @@ def test_stage3_resume_with_the_logit_scale_lands_where_a_full_run_does(smoke, t
     m = train("full.pt")
     assert m["logit_scale"] != 1.0
     os.replace(tmp_path / "full.pt.resume.pt", tmp_path / "part.pt.resume.pt")
-    assert train("part.pt", "--resume")["logit_scale"] == m["logit_scale"]
+    calls = []
+    probe = s3.probe_reward
+    monkeypatch.setattr(s3, "probe_reward", lambda *a: calls.append(1) or probe(*a))
+    r = train("part.pt", "--resume")
+    assert r["logit_scale"] == m["logit_scale"]
+    # the reward probe's start is the resume file's, measured before step 1: the resumed run
+    # probes once, at its end
+    assert len(calls) == 1 and r["reward_probe"] == m["reward_probe"] and len(m["reward_probe"]["start"]) == 16
+    assert all(0 <= c <= m["reward_probe"]["samples"] for c in m["reward_probe"]["start"] + m["reward_probe"]["end"])
     logged = [r["step"] for r in map(json.loads, open(tmp_path / "part.pt.jsonl")) if not r.get("final")]
     assert logged == [11, 12]  # it went on from the resume file, not from the start
     a, b = load(tmp_path / "full.pt")["model"], load(tmp_path / "part.pt")["model"]

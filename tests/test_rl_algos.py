@@ -8,7 +8,7 @@ import torch
 
 from model import GPT, GPTConfig
 from rl import (RolloutCopy, add_logit_scale, bake_logit_scale, clipped_surrogate, clipped_tokens, extreme_ratio,
-                importance_ratio, sequence_logp, topk_changed)
+                importance_ratio, sequence_logp, topk_changed, unscaled)
 
 
 def test_sequence_logp_gives_every_token_its_sequences_geometric_mean_ratio():
@@ -150,3 +150,39 @@ def test_logit_scale_multiplies_every_logit_and_bakes_into_a_plain_model():
     fresh = tiny_moe()
     fresh.load_state_dict(model.state_dict())  # it loads as any checkpoint does
     assert bake_logit_scale(fresh) is fresh  # and baking a plain model changes nothing
+
+
+def test_a_loss_on_the_unscaled_logits_moves_the_weights_as_without_the_scale_and_not_the_scale():
+    """Stage III's gold and distillation terms see logits / exp(s): their gradient on the weights
+    is the plain model's, and none (to rounding) reaches s, which only the RL then sets."""
+    idx = torch.randint(0, 32, (2, 8))
+    plain, scaled = tiny_moe(), tiny_moe()
+    x = plain(idx)[0]
+    assert unscaled(plain, x) is x  # a model without the scale: its logits as they are
+    scale = add_logit_scale(scaled)
+    with torch.no_grad():
+        scale.fill_(0.7)
+    for model in (plain, scaled):
+        logits = unscaled(model, model(idx)[0])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx.flatten()).backward()
+    assert abs(float(scale.grad)) < 1e-6
+    grads = {n.replace("parametrizations.weight.original", "weight"): p.grad for n, p in scaled.named_parameters()
+             if n != "transformer.ln_f.parametrizations.weight.0.log_scale"}
+    for n, p in plain.named_parameters():
+        assert torch.allclose(p.grad, grads[n], atol=1e-6), n
+
+
+def test_a_scale_added_at_a_value_leaves_the_logits_and_reads_that_value():
+    """Stage IV (and any stage after Stage III) takes Stage III's baked scale back out of ln_f's
+    gain: the same logits, the scale at Stage III's value, and baking returns the model it got."""
+    model, idx = tiny_moe(), torch.randint(0, 32, (2, 8))
+    with torch.no_grad():
+        before = model(idx)[0]
+    gain = model.transformer.ln_f.weight.detach().clone()
+    scale = add_logit_scale(model, 1.8)
+    assert float(scale.detach().exp()) == pytest.approx(1.8)
+    with torch.no_grad():
+        assert torch.allclose(model(idx)[0], before, atol=1e-5)
+        assert torch.allclose(unscaled(model, model(idx)[0]), before / 1.8, atol=1e-5)
+    bake_logit_scale(model)
+    assert torch.allclose(model.transformer.ln_f.weight, gain, atol=1e-6)
