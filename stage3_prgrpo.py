@@ -114,7 +114,7 @@ def make_parser(description, stage, inp, out):
     p.add_argument("--lr-final", type=float, default=0.1,
                    help="cosine decay of the lr to this fraction of --lr by the last step (1 = constant)")
     p.add_argument("--lr-scale", type=float, default=3e-2,
-                   help="peak lr of the learned logit scale, a temperature the RL learns (rl.add_logit_scale); 0: none")
+                   help="peak lr of the learned logit scale, a temperature the RL learns (rl.add_logit_scale); 0: held where the input left it")
     p.add_argument("--epsilon", type=float, help="lower clip range: rho >= 1 - epsilon (default 0.2; gspo 3e-4)")
     p.add_argument("--epsilon-high", type=float, help="upper clip range: rho <= 1 + epsilon_high (default: "
                    "--epsilon; gspo 4e-4)")
